@@ -1,0 +1,5 @@
+import sys
+
+from mkdt.cli import main
+
+sys.exit(main())

@@ -1,0 +1,212 @@
+"""Networks: the dataset-distillation student ConvNet and CIFAR-stem ResNets.
+
+- :class:`ConvNet` is the standard dataset-distillation ConvNet (METHOD.md §3): ``depth`` blocks of
+  Conv 3x3 -> instance norm (GroupNorm with one group per channel, affine) -> ReLU -> AvgPool 2x2,
+  then a linear head that regresses the teacher's 512-d features. ConvNetD3 on 3x32x32 has
+  1,348,608 parameters.
+- :class:`ResNet` is a ResNet with the CIFAR stem (3x3 conv, stride 1, no max-pool) whose parameter
+  and buffer names match ``torchvision.models.resnet18`` so torchvision-style state dicts load.
+
+Every model exposes ``features(x)`` (penultimate features, the ones that are probed / regressed) and
+``feature_dim``; ``forward(x) = head(features(x))``.
+
+The helpers :func:`flatten_params` / :func:`unflatten_params` convert between a module's parameters
+and one flat vector theta, for functional use (``torch.func.functional_call``) in trajectory
+matching.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+MODEL_NAMES: tuple[str, ...] = ("convnet", "resnet10", "resnet18")
+
+
+class ConvNet(nn.Module):
+    """Distillation ConvNet: ``depth`` x [Conv3x3 -> InstanceNorm -> ReLU -> AvgPool2] -> Linear.
+
+    The spatial size after the blocks is ``s = image_size // 2**depth``; the penultimate feature
+    size is ``width * s * s`` and the head is ``Linear(width * s * s, out_dim)`` (``nn.Identity()``
+    when ``out_dim`` is None, e.g. for a ConvNet teacher).
+    """
+
+    def __init__(
+        self,
+        in_channels: int = 3,
+        image_size: int = 32,
+        width: int = 128,
+        depth: int = 3,
+        out_dim: int | None = 512,
+    ) -> None:
+        super().__init__()
+        if depth < 1 or width < 1 or in_channels < 1 or (out_dim is not None and out_dim < 1):
+            raise ValueError(
+                f"ConvNet needs depth, width, in_channels and out_dim >= 1, got depth={depth}, "
+                f"width={width}, in_channels={in_channels}, out_dim={out_dim}"
+            )
+        side = image_size // 2**depth
+        if side < 1:
+            raise ValueError(
+                f"ConvNet depth {depth} pools {image_size}x{image_size} images below 1x1; "
+                f"use depth <= {max(image_size.bit_length() - 1, 0)} or larger images"
+            )
+        layers: list[nn.Module] = []
+        channels = in_channels
+        for _ in range(depth):
+            layers += [
+                nn.Conv2d(channels, width, kernel_size=3, padding=1),
+                nn.GroupNorm(width, width, affine=True),
+                nn.ReLU(inplace=True),
+                nn.AvgPool2d(kernel_size=2, stride=2),
+            ]
+            channels = width
+        self.features_net = nn.Sequential(*layers)
+        self.feature_dim = width * side * side
+        self.out_dim = out_dim
+        self.head: nn.Module = nn.Linear(self.feature_dim, out_dim) if out_dim else nn.Identity()
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """Flattened penultimate features, shape (B, width * s * s)."""
+        return self.features_net(x).flatten(1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))
+
+
+class BasicBlock(nn.Module):
+    """ResNet basic block (two 3x3 convs), names as in torchvision."""
+
+    expansion = 1
+
+    def __init__(self, in_planes: int, planes: int, stride: int = 1) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_planes, planes, 3, stride=stride, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.relu = nn.ReLU(inplace=True)
+        self.conv2 = nn.Conv2d(planes, planes, 3, stride=1, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.downsample: nn.Module | None = None
+        if stride != 1 or in_planes != planes:
+            self.downsample = nn.Sequential(
+                nn.Conv2d(in_planes, planes, 1, stride=stride, bias=False),
+                nn.BatchNorm2d(planes),
+            )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return self.relu(out + identity)
+
+
+class ResNet(nn.Module):
+    """ResNet with BasicBlocks and the CIFAR stem (conv 3x3 stride 1, no max-pool).
+
+    Stages have widths ``width * (1, 2, 4, 8)`` and strides (1, 2, 2, 2); features are the global
+    average-pooled output of the last stage, shape (B, 8 * width). ``fc`` is
+    ``Linear(8 * width, out_dim)`` or ``nn.Identity()`` when ``out_dim`` is None. Initialisation
+    follows torchvision (Kaiming-normal fan_out convs, BatchNorm weight 1 / bias 0).
+    """
+
+    def __init__(
+        self,
+        layers: tuple[int, ...] = (2, 2, 2, 2),
+        width: int = 64,
+        in_channels: int = 3,
+        out_dim: int | None = None,
+    ) -> None:
+        super().__init__()
+        if len(layers) != 4 or min(layers) < 1 or width < 1 or in_channels < 1:
+            raise ValueError(
+                f"ResNet needs 4 stage depths >= 1 and width, in_channels >= 1, got "
+                f"layers={layers}, width={width}, in_channels={in_channels}"
+            )
+        self.conv1 = nn.Conv2d(in_channels, width, 3, stride=1, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
+        self.relu = nn.ReLU(inplace=True)
+        planes = [width, 2 * width, 4 * width, 8 * width]
+        in_planes = width
+        for i, (n_blocks, p, stride) in enumerate(zip(layers, planes, (1, 2, 2, 2), strict=True)):
+            blocks = [BasicBlock(in_planes, p, stride)]
+            blocks += [BasicBlock(p, p) for _ in range(n_blocks - 1)]
+            setattr(self, f"layer{i + 1}", nn.Sequential(*blocks))
+            in_planes = p
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.feature_dim = 8 * width
+        self.out_dim = out_dim
+        self.fc: nn.Module = nn.Linear(self.feature_dim, out_dim) if out_dim else nn.Identity()
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """Global average-pooled output of the last stage, shape (B, 8 * width)."""
+        x = self.relu(self.bn1(self.conv1(x)))
+        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
+        return self.avgpool(x).flatten(1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.features(x))
+
+
+def resnet18(**kwargs) -> ResNet:
+    """ResNet-18 (2, 2, 2, 2) with the CIFAR stem; keyword arguments go to :class:`ResNet`."""
+    return ResNet(layers=(2, 2, 2, 2), **kwargs)
+
+
+def resnet10(**kwargs) -> ResNet:
+    """ResNet-10 (1, 1, 1, 1) with the CIFAR stem; keyword arguments go to :class:`ResNet`."""
+    return ResNet(layers=(1, 1, 1, 1), **kwargs)
+
+
+def build_model(
+    arch: str,
+    *,
+    in_channels: int,
+    image_size: int,
+    width: int,
+    depth: int,
+    out_dim: int | None,
+) -> nn.Module:
+    """Build a model by name (one of :data:`MODEL_NAMES`); ``depth`` only applies to the ConvNet."""
+    if arch == "convnet":
+        return ConvNet(in_channels, image_size, width, depth, out_dim)
+    if arch == "resnet18":
+        return resnet18(width=width, in_channels=in_channels, out_dim=out_dim)
+    if arch == "resnet10":
+        return resnet10(width=width, in_channels=in_channels, out_dim=out_dim)
+    raise ValueError(f"unknown model arch {arch!r}; choose one of {', '.join(MODEL_NAMES)}")
+
+
+def num_params(model: nn.Module) -> int:
+    """Number of scalar parameters of ``model``."""
+    return sum(p.numel() for p in model.parameters())
+
+
+def flatten_params(model: nn.Module) -> torch.Tensor:
+    """All parameters concatenated in ``named_parameters`` order: a detached 1-D clone."""
+    return torch.cat([p.detach().reshape(-1) for _, p in model.named_parameters()]).clone()
+
+
+def unflatten_params(model: nn.Module, flat: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Split a flat vector into views shaped like ``model``'s parameters, keyed by name.
+
+    The result is differentiable with respect to ``flat`` (split + view, no copy) and can be passed
+    to ``torch.func.functional_call(model, params, x)``.
+    """
+    named = list(model.named_parameters())
+    sizes = [p.numel() for _, p in named]
+    if flat.dim() != 1 or flat.numel() != sum(sizes):
+        raise ValueError(
+            f"flat parameter vector must be 1-D with {sum(sizes)} elements for this model, "
+            f"got shape {tuple(flat.shape)}"
+        )
+    chunks = torch.split(flat, sizes)
+    return {name: c.view(p.shape) for (name, p), c in zip(named, chunks, strict=True)}

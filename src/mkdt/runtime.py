@@ -1,0 +1,70 @@
+"""Process-level helpers shared by the stages: device, seeding, ranks, progress bars."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from typing import Any, TypeVar
+
+import torch
+from tqdm.auto import tqdm
+
+from mkdt.errors import ConfigError
+
+T = TypeVar("T")
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` -> cuda if available else cpu; a cuda device that is absent is a ConfigError."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device={name} but CUDA is not available here; use device=cpu")
+    return device
+
+
+@contextmanager
+def seeded(seed: int) -> Iterator[None]:
+    """Run a block (e.g. module construction) under torch's global RNG seeded with ``seed``,
+    restoring the previous RNG state afterwards so no global state leaks between stages."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
+
+
+def generator(seed: int, device: torch.device) -> torch.Generator:
+    """A seeded torch.Generator on ``device`` (batch orders and augmentation draw from it)."""
+    return torch.Generator(device=device).manual_seed(seed)
+
+
+def rank_and_world() -> tuple[int, int]:
+    """(rank, world size) from torchrun's environment; (0, 1) for a plain process."""
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+def progress(items: Iterable[T], *, disable: bool = False, **kwargs: Any) -> Iterable[T]:
+    """A tqdm bar on rank 0 only; disabled when MKDT_PROGRESS=0."""
+    enabled = rank_and_world()[0] == 0 and os.environ.get("MKDT_PROGRESS", "1") != "0"
+    return tqdm(items, disable=disable or not enabled, dynamic_ncols=True, **kwargs)
+
+
+def load_real(config: Any) -> Any:
+    """D_real for a config: the dataset (cached), resized, and the class-balanced pool."""
+    from mkdt.artifacts import derive_seed
+    from mkdt.data import load_dataset
+
+    d = config.data
+    data = load_dataset(d.name, d.root, download=d.download, cache_dir=d.cache_dir,
+                        resolution=d.resolution)
+    if d.pool_size is not None:
+        data = data.subset(d.pool_size, derive_seed(config.seed, "pool"))
+    return data
+
+
+def data_identity(config: Any) -> dict[str, Any]:
+    """The config keys that define D_real (the raw files' location does not)."""
+    d = config.data
+    return {"seed": config.seed, "name": d.name, "resolution": d.resolution,
+            "pool_size": d.pool_size}

@@ -1,0 +1,15 @@
+"""Small configs shared by the stage tests (digits, tiny networks: seconds on a CPU)."""
+
+from mkdt.config import Config, load_config
+
+TINY = [
+    "device=cpu",
+    "teacher.model.width=4", "teacher.epochs=3", "teacher.batch_size=128",
+    "teacher.warmup_epochs=1", "teacher.projector_dim=32", "teacher.checkpoint_every=1",
+    "experts.num_experts=2", "experts.epochs=3", "experts.batch_size=128",
+    "experts.student.width=8", "experts.student.depth=2",
+]
+
+
+def tiny_config(cache_dir, *overrides: str) -> Config:
+    return load_config("demo", None, [*TINY, f"data.cache_dir={cache_dir}", *overrides])

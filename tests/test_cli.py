@@ -1,0 +1,39 @@
+import json
+
+import pytest
+
+from mkdt.cli import main
+from mkdt.config import Config, iter_fields
+from tests.helpers import TINY
+
+
+def test_help_documents_every_key_of_the_stage(capsys):
+    with pytest.raises(SystemExit):
+        main(["run", "--help"])
+    text = capsys.readouterr().out
+    for key, _, help_text in iter_fields(Config()):
+        assert key in text and help_text.split()[0] in text
+
+
+def test_user_mistakes_print_one_line_and_exit_2(capsys, tmp_path):
+    assert main(["teacher", "--out", str(tmp_path), "experts.lrr=1"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("mkdt: error: unknown config key") and err.count("\n") == 1
+    assert main(["teacher", "--out", str(tmp_path), "data.name=/no/such/folder"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("mkdt: error:") and "Traceback" not in err
+
+
+def test_run_writes_manifest_and_resumes(tmp_path, capsys):
+    args = ["run", "--out", str(tmp_path / "run"), *TINY, f"data.cache_dir={tmp_path / 'c'}",
+            "teacher.epochs=1"]
+    assert main(args) == 0
+    manifest = json.loads((tmp_path / "run/manifest.json").read_text())
+    assert set(manifest["stages"]) == {"teacher", "targets", "experts"}
+    assert manifest["seed"] == 0 and "torch" in manifest["versions"]
+    assert (tmp_path / "run/config.yaml").read_text().startswith("seed: 0")
+    finished = manifest["stages"]["experts"]["finished"]
+    assert main(args) == 0
+    again = json.loads((tmp_path / "run/manifest.json").read_text())
+    assert again["stages"]["experts"]["finished"] == finished
+    assert main(["presets"]) == 0 and "demo" in capsys.readouterr().out

@@ -1,0 +1,119 @@
+import pytest
+import torch
+import torchvision
+from torch.func import functional_call
+
+from mkdt.models import (
+    MODEL_NAMES,
+    ConvNet,
+    ResNet,
+    build_model,
+    flatten_params,
+    num_params,
+    resnet10,
+    resnet18,
+    unflatten_params,
+)
+
+
+def test_convnet_d3_parameter_count_and_shapes():
+    net = ConvNet()
+    assert num_params(net) == 1_348_608
+    x = torch.randn(2, 3, 32, 32)
+    assert net.features(x).shape == (2, 128 * 4 * 4) == (2, net.feature_dim)
+    assert net(x).shape == (2, 512)
+    assert net.out_dim == 512
+
+
+def test_convnet_d4_on_64px():
+    net = ConvNet(image_size=64, depth=4)
+    x = torch.randn(2, 3, 64, 64)
+    assert net.feature_dim == 128 * 4 * 4
+    assert net(x).shape == (2, 512)
+    # same count as D3 on 32x32 plus one more conv block (conv 128->128 + GroupNorm affine)
+    assert num_params(net) == 1_348_608 + 128 * 128 * 9 + 128 + 2 * 128
+
+
+def test_convnet_uses_instance_norm_and_avgpool():
+    net = ConvNet(in_channels=1, image_size=28, depth=2, width=8, out_dim=4)
+    norms = [m for m in net.modules() if isinstance(m, torch.nn.GroupNorm)]
+    assert len(norms) == 2 and all(m.num_groups == m.num_channels == 8 for m in norms)
+    assert sum(isinstance(m, torch.nn.AvgPool2d) for m in net.modules()) == 2
+    assert net(torch.randn(3, 1, 28, 28)).shape == (3, 4)
+
+
+def test_convnet_too_deep_for_image_is_rejected():
+    with pytest.raises(ValueError, match="depth"):
+        ConvNet(image_size=4, depth=3)
+
+
+def test_resnet18_state_dict_names_match_torchvision():
+    ours = resnet18(out_dim=1000).state_dict()
+    ref = torchvision.models.resnet18(num_classes=1000).state_dict()
+    assert list(ours.keys()) == list(ref.keys())
+    for key, value in ref.items():
+        if key != "conv1.weight":
+            assert ours[key].shape == value.shape, key
+    assert ours["conv1.weight"].shape == (64, 3, 3, 3)
+
+
+def test_resnet_loads_torchvision_style_state_dict_without_fc():
+    ref = torchvision.models.resnet18().state_dict()
+    ref = {k: v for k, v in ref.items() if not k.startswith("fc.") and k != "conv1.weight"}
+    net = resnet18()
+    missing, unexpected = net.load_state_dict(ref, strict=False)
+    assert missing == ["conv1.weight"] and unexpected == []
+
+
+def test_resnet_features_and_heads():
+    x = torch.randn(2, 3, 32, 32)
+    net = resnet18()
+    assert isinstance(net.fc, torch.nn.Identity)
+    assert net.features(x).shape == (2, 512) and net(x).shape == (2, 512)
+    small = resnet10(width=16, out_dim=10)
+    assert small.feature_dim == 128 and small(x).shape == (2, 10)
+    assert sum(1 for k in small.state_dict() if k.endswith("conv1.weight")) == 1 + 4
+
+
+def test_resnet_cifar_stem_keeps_resolution():
+    net = ResNet(layers=(1, 1, 1, 1), width=8)
+    assert net.conv1.kernel_size == (3, 3) and net.conv1.stride == (1, 1)
+    assert not any(isinstance(m, torch.nn.MaxPool2d) for m in net.modules())
+    stem = net.relu(net.bn1(net.conv1(torch.randn(1, 3, 32, 32))))
+    assert stem.shape[-2:] == (32, 32)
+    bn = net.layer1[0].bn2
+    assert torch.all(bn.weight == 1) and torch.all(bn.bias == 0)
+
+
+def test_build_model():
+    kw = dict(in_channels=3, image_size=32, width=16, depth=3, out_dim=8)
+    for name in MODEL_NAMES:
+        assert build_model(name, **kw)(torch.randn(2, 3, 32, 32)).shape == (2, 8)
+    assert isinstance(build_model("resnet18", **{**kw, "out_dim": None}).fc, torch.nn.Identity)
+    with pytest.raises(ValueError, match="convnet, resnet10, resnet18"):
+        build_model("vgg", **kw)
+
+
+def test_flatten_unflatten_round_trip_and_functional_call():
+    torch.manual_seed(0)
+    net = ConvNet(image_size=16, width=8, depth=2, out_dim=5)
+    flat = flatten_params(net)
+    assert flat.dim() == 1 and flat.numel() == num_params(net) and not flat.requires_grad
+    params = unflatten_params(net, flat)
+    assert list(params) == [n for n, _ in net.named_parameters()]
+    for name, p in net.named_parameters():
+        assert torch.equal(params[name], p)
+    x = torch.randn(3, 3, 16, 16)
+    assert torch.allclose(functional_call(net, params, (x,)), net(x))
+    flat.add_(1.0)  # the flat vector is a clone, the model is untouched
+    assert not torch.equal(flatten_params(net), flat)
+
+
+def test_unflatten_is_differentiable_wrt_flat():
+    net = ConvNet(image_size=8, width=4, depth=1, out_dim=3)
+    flat = flatten_params(net).requires_grad_(True)
+    out = functional_call(net, unflatten_params(net, flat), (torch.randn(2, 3, 8, 8),))
+    out.pow(2).sum().backward()
+    assert flat.grad is not None and flat.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="elements"):
+        unflatten_params(net, flat[:-1])
