@@ -1,6 +1,7 @@
 """``mkdt`` command line: a thin layer over the stages' ``run(config, out)``.
 
-    mkdt teacher|targets|experts|run [--preset NAME] [--config FILE] [--out DIR] [--force] [key=value ...]
+    mkdt STAGE [--preset NAME] [--config FILE] [--out DIR] [--force] [key=value ...]
+        STAGE: teacher, targets, experts, init, distill, run (all stages in order)
     mkdt config  [--preset NAME] [--config FILE] [key=value ...]   print the resolved config
     mkdt presets                                                   list the presets
 """
@@ -28,6 +29,10 @@ STAGE_HELP = {
     "targets": ("encode D_real with the teacher: the KD regression targets", ("targets.",)),
     "experts": ("train K KD students and save their weights each epoch (expert trajectories)",
                 ("experts.", "distill.max_start_epoch", "distill.expert_epochs")),
+    "init": ("choose the initial synthetic images: high-KD-loss and random real subsets",
+             ("distill.images",)),
+    "distill": ("optimise the synthetic images (and alpha_syn) by matching expert trajectories",
+                ("distill.",)),
     "run": ("run every stage in order, skipping finished ones (resumes an interrupted run)", ("",)),
 }
 DEFAULT_PRESET = "demo"

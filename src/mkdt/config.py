@@ -95,8 +95,43 @@ class ExpertsConfig:
 
 @dataclass
 class DistillConfig:
-    max_start_epoch: int = opt(2, "T+: a trajectory segment starts at an epoch in [0, T+)")
+    images: int = opt(1000, "|D_syn|, the number of synthetic images")
+    init: str = opt("high_loss", "initial images: high_loss (top KD loss under the experts' epoch-1 "
+                                 "weights) or random (a random real subset)")
+    iterations: int = opt(5000, "trajectory-matching iterations")
+    syn_steps: int = opt(40, "N: SGD steps on synthetic mini-batches per iteration")
     expert_epochs: int = opt(2, "M: expert epochs the synthetic steps must match")
+    max_start_epoch: int = opt(2, "T+: a trajectory segment starts at an epoch in [0, T+)")
+    batch_syn: int = opt(256, "synthetic images per step")
+    lr_img: float = opt(1000.0, "SGD learning rate of the pixels")
+    lr_lr: float = opt(1e-4, "SGD learning rate of the learnable step size alpha_syn")
+    lr_init: float = opt(0.1, "initial alpha_syn")
+    momentum: float = opt(0.5, "momentum of every distillation optimizer")
+    learn_targets: bool = opt(False, "also learn the synthetic targets Z_syn (the authors' release)")
+    lr_targets: float = opt(1.0, "SGD learning rate of Z_syn when learn_targets is true")
+    checkpoint_every: int = opt(100, "save a resumable checkpoint every this many iterations")
+
+
+@dataclass
+class EvaluateConfig:
+    methods: list[str] = opt(["no_pretrain", "random", "high_loss", "full", "mkdt"],
+                             "pre-training sets to compare: no_pretrain, random, high_loss, full, "
+                             "mkdt")
+    tasks: list[str] | None = opt(None, "downstream tasks as dataset names, or name=root for data "
+                                        "elsewhere (default: the pre-training dataset)")
+    label_fractions: list[float] = opt([0.01, 0.05], "fractions of each task's training labels "
+                                                     "the linear probe sees")
+    class_balanced: bool = opt(False, "sample the labelled fraction class-balanced")
+    seeds: int = opt(3, "seeds per setting (each changes the label subset and the pre-training)")
+    model: ModelConfig | None = opt(None, "network pre-trained for evaluation (default: "
+                                          "experts.student)")
+    epochs: int = opt(20, "KD pre-training epochs on each set")
+    batch_size: int = opt(256, "KD pre-training batch size")
+    lr: float = opt(0.1, "KD pre-training learning rate for real subsets (mkdt uses its alpha_syn)")
+    momentum: float = opt(0.9, "KD pre-training SGD momentum")
+    weight_decay: float = opt(1e-4, "KD pre-training weight decay")
+    probe_l2: float = opt(1e-3, "L2 penalty of the linear probe's weights")
+    probe_max_iter: int = opt(100, "LBFGS iterations of the linear probe")
 
 
 @dataclass
@@ -107,7 +142,8 @@ class Config:
     teacher: TeacherConfig = opt(TeacherConfig(), "stage 1: SSL teacher")
     targets: TargetsConfig = opt(TargetsConfig(), "stage 2: teacher targets")
     experts: ExpertsConfig = opt(ExpertsConfig(), "stage 3: KD expert trajectories")
-    distill: DistillConfig = opt(DistillConfig(), "stage 5: trajectory matching")
+    distill: DistillConfig = opt(DistillConfig(), "stages 4-5: initial images and trajectory matching")
+    evaluate: EvaluateConfig = opt(EvaluateConfig(), "stage 6: pre-train on each set, linear-probe")
 
     def validate(self) -> Config:
         """Raise ConfigError on the first out-of-range value; return self."""
@@ -142,8 +178,26 @@ class Config:
                    "must be convnet, resnet10 or resnet18")
             _check(model.width >= 1 and model.depth >= 1, name, "width and depth must be >= 1")
         s = self.distill
-        _check(s.max_start_epoch >= 1 and s.expert_epochs >= 1, "distill",
-               "max_start_epoch and expert_epochs must be >= 1")
+        for key in ("images", "iterations", "syn_steps", "expert_epochs", "max_start_epoch",
+                    "batch_syn", "checkpoint_every"):
+            _check(getattr(s, key) >= 1, f"distill.{key}", "must be >= 1")
+        _check(s.init in INIT_METHODS, "distill.init", f"must be one of {', '.join(INIT_METHODS)}")
+        _check(min(s.lr_img, s.lr_lr, s.lr_init, s.lr_targets) > 0 and 0 <= s.momentum < 1,
+               "distill", "learning rates must be > 0 and momentum in [0, 1)")
+        v = self.evaluate
+        bad = sorted(set(v.methods) - set(EVAL_METHODS))
+        _check(bool(v.methods) and not bad, "evaluate.methods",
+               f"{bad or 'empty'}: choose from {', '.join(EVAL_METHODS)}")
+        _check(bool(v.label_fractions) and all(0 < f <= 1 for f in v.label_fractions),
+               "evaluate.label_fractions", "must be a non-empty list of numbers in (0, 1]")
+        _check(v.tasks is None or len(v.tasks) > 0, "evaluate.tasks", "must be null or non-empty")
+        for key in ("seeds", "epochs", "batch_size", "probe_max_iter"):
+            _check(getattr(v, key) >= 1, f"evaluate.{key}", "must be >= 1")
+        _check(v.lr > 0 and 0 <= v.momentum < 1 and v.weight_decay >= 0 and v.probe_l2 >= 0,
+               "evaluate", "need lr > 0, 0 <= momentum < 1, weight_decay >= 0, probe_l2 >= 0")
+        if v.model is not None:
+            _check(v.model.arch in ("convnet", "resnet10", "resnet18"), "evaluate.model.arch",
+                   "must be convnet, resnet10 or resnet18")
         _check(s.max_start_epoch - 1 + s.expert_epochs <= e.epochs, "distill",
                f"max_start_epoch - 1 + expert_epochs ({s.max_start_epoch - 1 + s.expert_epochs}) "
                f"exceeds experts.epochs ({e.epochs})")
@@ -164,6 +218,10 @@ class Config:
         if self.experts.save_epochs is not None:
             return sorted(set(self.experts.save_epochs))
         return sorted({*self.required_expert_epochs(), self.experts.epochs})
+
+
+INIT_METHODS = ("high_loss", "random")
+EVAL_METHODS = ("no_pretrain", "random", "high_loss", "full", "mkdt")
 
 
 def _check(ok: bool, key: str, message: str) -> None:

@@ -1,0 +1,148 @@
+import pytest
+import torch
+
+from mkdt import distill, experts, init, targets, teacher
+from mkdt.artifacts import RunDir, load_tensors
+from mkdt.config import DistillConfig, ExpertsConfig
+from mkdt.data import load_dataset
+from mkdt.distill import Distiller, sample_batches, unrolled_matching_loss
+from mkdt.errors import ArtifactError
+from mkdt.experts import train_expert
+from mkdt.models import ConvNet, flatten_params
+from tests.helpers import tiny_config
+
+
+def _tiny_problem(dtype=torch.float64):
+    gen = torch.Generator().manual_seed(0)
+    student = ConvNet(in_channels=1, image_size=4, width=2, depth=1, out_dim=3).to(dtype)
+    start = flatten_params(student)
+    target = start + 0.05 * torch.randn(start.shape, generator=gen, dtype=dtype)
+    images = torch.randn(6, 1, 4, 4, generator=gen, dtype=dtype)
+    z = torch.randn(6, 3, generator=gen, dtype=dtype)
+    batches = sample_batches(6, 4, 3, gen)
+    return student, start, target, images, z, batches
+
+
+def test_pixel_target_and_lr_gradients_match_finite_differences():
+    student, start, target, images, z, batches = _tiny_problem()
+    lr = torch.tensor(0.3, dtype=torch.float64)
+
+    def loss(x, t, a):
+        return unrolled_matching_loss(student, start, target, x, t, a, batches)
+
+    x, t, a = (v.clone().requires_grad_(True) for v in (images, z, lr))
+    loss(x, t, a).backward()
+    gen = torch.Generator().manual_seed(1)
+    eps = 1e-6
+    for grad, point, which in ((x.grad, images, 0), (t.grad, z, 1), (a.grad, lr, 2)):
+        direction = torch.randn(point.shape, generator=gen, dtype=torch.float64)
+        args_plus = [images, z, lr]
+        args_minus = [images, z, lr]
+        args_plus[which] = point + eps * direction
+        args_minus[which] = point - eps * direction
+        with torch.no_grad():
+            numeric = (loss(*args_plus) - loss(*args_minus)) / (2 * eps)
+        analytic = (grad * direction).sum()
+        assert abs(numeric - analytic) <= 1e-6 * max(1.0, abs(numeric)), (which, numeric, analytic)
+        assert analytic.abs() > 1e-8  # a real, non-zero gradient
+
+
+
+
+def test_sample_batches_walk_through_permutations():
+    gen = torch.Generator().manual_seed(0)
+    b = sample_batches(10, 4, 5, gen)
+    assert b.shape == (5, 4)
+    assert sorted(b[:2].flatten().tolist()) == sorted(set(b[:2].flatten().tolist()))  # one permutation
+    assert sample_batches(3, 8, 2, gen).shape == (2, 3)  # batch larger than the set: the whole set
+
+
+@pytest.fixture(scope="module")
+def digits_experts(tmp_path_factory):
+    data = load_dataset("digits", cache_dir=tmp_path_factory.mktemp("cache"))
+    x = data.normalize(data.train_images)
+    torch.manual_seed(123)
+    with torch.no_grad():
+        z = ConvNet(1, 8, width=8, depth=2, out_dim=16)(x)
+    trajs = []
+    for k in range(3):
+        torch.manual_seed(k)
+        student = ConvNet(1, 8, width=8, depth=2, out_dim=16)
+        trajs.append(train_expert(student, x, z, ExpertsConfig(epochs=4, batch_size=64), [0, 1, 2, 3, 4],
+                                  torch.Generator().manual_seed(k)))
+    return student, x, z, trajs
+
+
+def test_distillation_loss_falls_on_a_small_problem(digits_experts):
+    student, x, z, trajs = digits_experts
+    recipe = DistillConfig(images=100, syn_steps=10, batch_syn=50, lr_img=100.0, lr_lr=1e-3,
+                           max_start_epoch=2, expert_epochs=2)
+    idx = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))[:100]
+    distiller = Distiller(student, x[idx], z[idx], trajs, recipe, torch.Generator().manual_seed(0))
+    losses = [distiller.step() for _ in range(40)]
+    assert sum(losses[-10:]) / 10 < 0.95 * sum(losses[:10]) / 10
+    assert not torch.equal(distiller.images.detach(), x[idx])  # pixels moved
+    assert distiller.lr.item() != recipe.lr_init                # the step size is learned
+    assert torch.equal(distiller.targets, z[idx])               # targets fixed by default
+
+
+def test_every_iteration_can_draw_any_expert_and_start_epoch(digits_experts):
+    student, x, z, trajs = digits_experts
+    distiller = Distiller(student, x[:10], z[:10], trajs, DistillConfig(max_start_epoch=2),
+                          torch.Generator().manual_seed(0))
+    draws = {distiller.draw_segment() for _ in range(200)}
+    assert draws == {(k, s) for k in range(3) for s in range(2)}
+
+
+def test_learnable_targets_move(digits_experts):
+    student, x, z, trajs = digits_experts
+    recipe = DistillConfig(syn_steps=3, batch_syn=20, learn_targets=True, lr_targets=10.0)
+    distiller = Distiller(student, x[:40], z[:40], trajs, recipe, torch.Generator().manual_seed(0))
+    distiller.step()
+    assert not torch.equal(distiller.targets.detach(), z[:40])
+
+
+DISTILL = ["teacher.probe=false", "distill.images=40", "distill.iterations=4", "distill.syn_steps=3",
+           "distill.batch_syn=20", "distill.checkpoint_every=2", "distill.lr_img=10"]
+
+
+def _prerequisites(config, out):
+    for stage in (teacher, targets, experts, init):
+        stage.run(config, out)
+
+
+def test_interrupted_distillation_resumes_to_the_same_set(tmp_path, monkeypatch):
+    config = tiny_config(tmp_path / "cache", *DISTILL)
+    _prerequisites(config, tmp_path / "run")
+    record = distill.run(config, tmp_path / "run")
+    full, meta = load_tensors(tmp_path / "run/distill/synthetic.safetensors")
+    assert (tmp_path / "run/distill/grid.png").stat().st_size > 100
+    assert full["images"].shape == (40, 1, 8, 8) and meta["iterations"] == 4
+    assert record["result"]["learned_lr"] == pytest.approx(full["lr"].item())
+
+    run = RunDir(tmp_path / "run")
+    run.invalidate(["distill"])
+    (tmp_path / "run/distill/checkpoint.pt").unlink()
+    real_save = distill.save_checkpoint
+
+    def crash_after_first_checkpoint(path, state):
+        real_save(path, state)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(distill, "save_checkpoint", crash_after_first_checkpoint)
+    with pytest.raises(KeyboardInterrupt):
+        distill.run(config, tmp_path / "run")
+    monkeypatch.setattr(distill, "save_checkpoint", real_save)
+    distill.run(config, tmp_path / "run")
+    resumed, _ = load_tensors(tmp_path / "run/distill/synthetic.safetensors")
+    assert all(torch.equal(full[k], resumed[k]) for k in full)
+
+    other = tiny_config(tmp_path / "cache", *DISTILL, "distill.lr_img=20")
+    with pytest.raises(ArtifactError, match="distill.lr_img: 10.0 -> 20.0"):
+        distill.run(other, tmp_path / "run")
+
+
+def test_matching_loss_is_one_when_the_step_size_is_zero():
+    student, start, target, images, z, batches = _tiny_problem()
+    zero = torch.tensor(0.0, dtype=torch.float64)
+    assert unrolled_matching_loss(student, start, target, images, z, zero, batches).item() == pytest.approx(1)

@@ -1,0 +1,221 @@
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from mkdt import distill, evaluate, experts, init, targets, teacher
+from mkdt.artifacts import RunDir, read_json
+from mkdt.data import load_dataset
+from mkdt.errors import ArtifactError, ConfigError
+from mkdt.runtime import load_real
+from tests.helpers import tiny_config
+
+METHODS = ["no_pretrain", "random", "high_loss", "full", "mkdt"]
+SMALL = ["teacher.probe=false", "teacher.epochs=2", "distill.images=50", "distill.iterations=2",
+         "distill.syn_steps=2", "distill.batch_syn=25", "evaluate.epochs=2", "evaluate.seeds=2",
+         "evaluate.label_fractions=[0.1,0.5]", "evaluate.probe_max_iter=30"]
+
+
+def _image_folder(root, mode, per_class=(8, 4)):
+    """An ImageFolder tree of 8x8 digits (train/ and test/), as 1-channel or coloured RGB PNGs."""
+    digits = load_dataset("digits", cache_dir=root / "cache")
+    for split, count in zip(("train", "test"), per_class, strict=True):
+        for label in range(10):
+            members = (digits.train_labels == label).nonzero().flatten()[:count]
+            for i, index in enumerate(members.tolist()):
+                pixels = digits.train_images[index, 0].numpy()
+                if mode == "RGB":
+                    pixels = np.stack([pixels, 255 - pixels, pixels // 2], axis=-1)
+                path = root / "folder" / split / str(label) / f"{i}.png"
+                path.parent.mkdir(parents=True, exist_ok=True)
+                Image.fromarray(pixels, mode).save(path)
+    return root / "folder"
+
+
+def _config(cache, *overrides):
+    return tiny_config(cache, *SMALL, *overrides)
+
+
+def _copy_run(run, out):
+    """A copy of a run directory without its finished evaluation."""
+    shutil.copytree(run.path, out)
+    RunDir(out).invalidate(["evaluate"])
+    return out
+
+
+def _without_seconds(partial):
+    return {key: {k: v for k, v in r.items() if k != "seconds"} for key, r in partial["runs"].items()}
+
+
+@pytest.fixture(scope="module")
+def evaluated(tmp_path_factory):
+    """A run directory with every stage finished (tasks: the default, digits alone), and the
+    labelled subsets drawn while evaluating, in call order."""
+    root = tmp_path_factory.mktemp("evaluate")
+    config = _config(root / "cache")
+    out = root / "run"
+    for stage in (teacher, targets, experts, init, distill):
+        stage.run(config, out)
+    with pytest.MonkeyPatch.context() as mp:
+        drawn = _spy_on_label_subsets(mp)
+        record = evaluate.run(config, out)
+    return config, RunDir(out), record, drawn
+
+
+def _spy_on_label_subsets(mp):
+    drawn = []
+    real = evaluate.labelled_subset
+
+    def spy(*args, **kwargs):
+        drawn.append(real(*args, **kwargs))
+        return drawn[-1]
+
+    mp.setattr(evaluate, "labelled_subset", spy)
+    return drawn
+
+
+def test_results_schema_files_and_table(evaluated):
+    config, run, record, _ = evaluated
+    results = json.loads((run.path / "results.json").read_text())
+    assert results == record["result"]["results"]
+    assert [(r["method"], r["task"], r["label_fraction"]) for r in results] == [
+        (m, "digits", f) for m in METHODS for f in (0.1, 0.5)]
+    for r in results:
+        assert r["seeds"] == [0, 1] and len(r["accuracies"]) == 2
+        assert all(0 <= a <= 100 for a in r["accuracies"])
+        assert r["mean"] == pytest.approx(np.mean(r["accuracies"]))
+        assert r["std"] == pytest.approx(np.std(r["accuracies"], ddof=1))
+    assert set(record["result"]["seconds_per_pretraining"]) == {"random", "high_loss", "full", "mkdt"}
+    table = (run.path / "results.md").read_text()
+    assert "| 10% | MKDT |" in table and "| 50% | full data |" in table and "|D_syn| = 50" in table
+
+
+def test_more_labels_give_higher_accuracy_after_full_pretraining(evaluated):
+    _, _, record, _ = evaluated
+    mean = {r["label_fraction"]: r["mean"] for r in record["result"]["results"] if r["method"] == "full"}
+    assert mean[0.5] > mean[0.1] > 30   # 10 classes: chance is 10%
+
+
+def test_every_method_sees_the_same_labels_for_a_seed(evaluated):
+    _, _, _, drawn = evaluated
+    per_method = len(drawn) // len(METHODS)          # seeds x fractions, in loop order
+    assert per_method == 2 * 2
+    first = drawn[:per_method]
+    for m in range(1, len(METHODS)):
+        for (x, y), (x0, y0) in zip(drawn[m * per_method:(m + 1) * per_method], first, strict=True):
+            assert torch.equal(x, x0) and torch.equal(y, y0)
+    seed0, seed1 = first[0], first[2]                # 10% of digits for seeds 0 and 1
+    assert len(seed0[1]) == round(0.1 * 1437) and not torch.equal(seed0[0], seed1[0])
+
+
+def test_rerun_reuses_finished_pretraining_and_recomputes_identically(evaluated, monkeypatch):
+    config, run, record, _ = evaluated
+    assert evaluate.run(config, run.path)["finished"] == record["finished"]   # done: skipped
+    partial_path = run.stage_dir("evaluate") / "partial.json"
+    partial = read_json(partial_path)
+    kept = _without_seconds(partial)
+    del partial["runs"]["full/1"], partial["runs"]["mkdt/0"]
+    partial_path.write_text(json.dumps(partial))
+    run.invalidate(["evaluate"])
+    calls = []
+    real = evaluate.pretrain
+
+    def counting(config, method, seed, *args):
+        calls.append((method, seed))
+        return real(config, method, seed, *args)
+
+    monkeypatch.setattr(evaluate, "pretrain", counting)
+    again = evaluate.run(config, run.path)
+    assert sorted(calls) == [("full", 1), ("mkdt", 0)]
+    assert again["result"]["results"] == record["result"]["results"]
+    assert _without_seconds(read_json(partial_path)) == kept
+
+
+def test_partial_of_another_config_is_ignored_and_name_root_tasks_load(evaluated, tmp_path):
+    config, run, record, _ = evaluated
+    out = _copy_run(run, tmp_path / "copy")
+    folder = _image_folder(tmp_path, "L")
+    other = _config(config.data.cache_dir, f"evaluate.tasks=[digits, imagefolder={folder}]",
+                    "evaluate.methods=[no_pretrain]", "evaluate.seeds=1")
+    with pytest.MonkeyPatch.context() as mp:
+        drawn = _spy_on_label_subsets(mp)
+        results = evaluate.run(other, out)["result"]["results"]
+    assert [(r["task"], r["label_fraction"]) for r in results] == [
+        ("digits", 0.1), ("digits", 0.5), (f"imagefolder={folder}", 0.1), (f"imagefolder={folder}", 0.5)]
+    assert [r["accuracies"] for r in results[:2]] == [   # recomputed, identical to the first run
+        r["accuracies"][:1] for r in record["result"]["results"] if r["method"] == "no_pretrain"]
+    assert list(read_json(out / "evaluate/partial.json")["runs"]) == ["no_pretrain/0"]
+    images, labels = drawn[2]                        # the ImageFolder task (80 training images) at 10%
+    assert images.shape[1:] == (1, 8, 8) and len(labels) == 10   # at least one label per class
+
+
+def test_pretraining_on_full_data_lowers_the_kd_loss(evaluated):
+    config, run, _, _ = evaluated
+    data = load_real(config)
+    z = targets.load_targets(run, config, data.num_train)
+    full = evaluate.pretraining_sets(run, config, data, z)["full"]
+    cpu = torch.device("cpu")
+    start, _ = evaluate.pretrain(config, "full", 0, None, data, z.shape[1], cpu)
+    trained, losses = evaluate.pretrain(config, "full", 0, full, data, z.shape[1], cpu)
+    with torch.no_grad():
+        before = F.mse_loss(start.eval()(full.images), z).item()
+        after = F.mse_loss(trained.eval()(full.images), z).item()
+    assert len(losses) == config.evaluate.epochs
+    assert after < 0.9 * before
+    assert full.lr == config.evaluate.lr and len(full.images) == data.num_train
+
+
+def test_missing_prerequisites_name_the_command(evaluated, tmp_path):
+    config, run, _, _ = evaluated
+    with pytest.raises(ArtifactError, match="run `mkdt targets` first"):
+        evaluate.run(config, tmp_path / "empty")
+    for stage in ("teacher", "targets"):
+        shutil.copytree(run.stage_dir(stage), tmp_path / "partial" / stage)
+    with pytest.raises(ArtifactError, match="run `mkdt init` first"):
+        evaluate.run(config, tmp_path / "partial")
+    only_mkdt = _config(config.data.cache_dir, "evaluate.methods=[full, mkdt]")
+    with pytest.raises(ArtifactError, match="run `mkdt distill` first"):
+        evaluate.run(only_mkdt, tmp_path / "partial")
+
+
+def test_rgb_task_for_a_grayscale_encoder_is_a_config_error(evaluated, tmp_path, monkeypatch):
+    config, run, _, _ = evaluated
+    folder = _image_folder(tmp_path, "RGB")
+    rgb = _config(config.data.cache_dir, f"evaluate.tasks=[imagefolder={folder}]")
+    monkeypatch.setattr(evaluate, "pretrain", lambda *a: pytest.fail("pre-trained before the check"))
+    with pytest.raises(ConfigError, match="3-channel images but the encoder was pre-trained on 1"):
+        evaluate.run(rgb, _copy_run(run, tmp_path / "copy"))
+
+
+def test_grayscale_task_is_repeated_to_rgb(evaluated):
+    config, _, _, _ = evaluated
+    digits = load_real(config)
+    rgb = evaluate.match_channels(digits, 3, "digits")
+    assert rgb.channels == 3 and torch.equal(rgb.test_images[:, 2], digits.test_images[:, 0])
+    assert rgb.mean == digits.mean * 3
+
+
+def test_task_entries_are_parsed():
+    assert evaluate.parse_task("cifar100") == ("cifar100", None)
+    assert evaluate.parse_task("cifar100=/data/c100") == ("cifar100", "/data/c100")
+    for bad in ("=/data", "cifar100="):
+        with pytest.raises(ConfigError, match="name=root"):
+            evaluate.parse_task(bad)
+
+
+def test_label_subsets(evaluated):
+    config, _, _, _ = evaluated
+    digits = load_real(config)
+    images, labels = evaluate.labelled_subset(digits, 0.001, False, seed=3)
+    assert len(labels) == 10                                       # at least num_classes
+    again, _ = evaluate.labelled_subset(digits, 0.001, False, seed=3)
+    assert torch.equal(images, again)
+    _, balanced = evaluate.labelled_subset(digits, 0.05, True, seed=3)
+    counts = torch.bincount(balanced, minlength=10)
+    assert counts.sum() == round(0.05 * 1437) and counts.max() - counts.min() <= 1
+    _, all_labels = evaluate.labelled_subset(digits, 1.0, False, seed=3)
+    assert torch.equal(all_labels.sort().values, digits.train_labels.sort().values)
