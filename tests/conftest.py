@@ -30,3 +30,12 @@ def cifar10_jpeg_archive() -> Path:
 def cifar10_jpeg(cifar10_jpeg_archive: Path, data_cache_dir: Path) -> ImageData:
     """All of CIFAR-10 decoded from the shared JPEG archive (cached in data_cache_dir)."""
     return load_dataset("cifar10", root=cifar10_jpeg_archive, cache_dir=data_cache_dir)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Tests use tiny tensors: one intra-op thread is as fast, and it does not spin-wait when
+    another process holds the second core (2 threads made some modules 20x slower on a busy
+    2-core machine)."""
+    import torch
+
+    torch.set_num_threads(1)

@@ -8,6 +8,9 @@ TINY = [
     "teacher.warmup_epochs=1", "teacher.projector_dim=32", "teacher.checkpoint_every=1",
     "experts.num_experts=2", "experts.epochs=3", "experts.batch_size=128",
     "experts.student.width=8", "experts.student.depth=2",
+    "distill.images=40", "distill.iterations=4", "distill.syn_steps=3", "distill.batch_syn=20",
+    "distill.checkpoint_every=2", "distill.lr_img=10",
+    "evaluate.epochs=2", "evaluate.seeds=2", "evaluate.label_fractions=[0.1,0.5]",
 ]
 
 

@@ -29,7 +29,10 @@ def test_run_writes_manifest_and_resumes(tmp_path, capsys):
             "teacher.epochs=1"]
     assert main(args) == 0
     manifest = json.loads((tmp_path / "run/manifest.json").read_text())
-    assert set(manifest["stages"]) == {"teacher", "targets", "experts"}
+    assert set(manifest["stages"]) == {"teacher", "targets", "experts", "init", "distill", "evaluate"}
+    results = json.loads((tmp_path / "run/results.json").read_text())
+    assert {r["method"] for r in results} == {"no_pretrain", "random", "high_loss", "full", "mkdt"}
+    assert "MKDT" in capsys.readouterr().out
     assert manifest["seed"] == 0 and "torch" in manifest["versions"]
     assert (tmp_path / "run/config.yaml").read_text().startswith("seed: 0")
     finished = manifest["stages"]["experts"]["finished"]

@@ -102,8 +102,7 @@ def test_learnable_targets_move(digits_experts):
     assert not torch.equal(distiller.targets.detach(), z[:40])
 
 
-DISTILL = ["teacher.probe=false", "distill.images=40", "distill.iterations=4", "distill.syn_steps=3",
-           "distill.batch_syn=20", "distill.checkpoint_every=2", "distill.lr_img=10"]
+DISTILL = ["teacher.probe=false"]
 
 
 def _prerequisites(config, out):

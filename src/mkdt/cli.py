@@ -1,7 +1,7 @@
 """``mkdt`` command line: a thin layer over the stages' ``run(config, out)``.
 
     mkdt STAGE [--preset NAME] [--config FILE] [--out DIR] [--force] [key=value ...]
-        STAGE: teacher, targets, experts, init, distill, run (all stages in order)
+        STAGE: teacher, targets, experts, init, distill, evaluate, run (all stages in order)
     mkdt config  [--preset NAME] [--config FILE] [key=value ...]   print the resolved config
     mkdt presets                                                   list the presets
 """
@@ -33,6 +33,8 @@ STAGE_HELP = {
              ("distill.images",)),
     "distill": ("optimise the synthetic images (and alpha_syn) by matching expert trajectories",
                 ("distill.",)),
+    "evaluate": ("pre-train a student on each set (baselines and MKDT), linear-probe it, write results",
+                 ("evaluate.",)),
     "run": ("run every stage in order, skipping finished ones (resumes an interrupted run)", ("",)),
 }
 DEFAULT_PRESET = "demo"

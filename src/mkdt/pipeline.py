@@ -6,7 +6,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from mkdt import distill, experts, init, targets, teacher
+from mkdt import distill, evaluate, experts, init, targets, teacher
 from mkdt.artifacts import RunDir, write_text
 from mkdt.config import Config, config_to_dict, dump_config
 from mkdt.runtime import load_real
@@ -14,7 +14,7 @@ from mkdt.runtime import load_real
 StageFn = Callable[..., dict[str, Any]]
 STAGES: dict[str, StageFn] = {
     "teacher": teacher.run, "targets": targets.run, "experts": experts.run, "init": init.run,
-    "distill": distill.run,
+    "distill": distill.run, "evaluate": evaluate.run,
 }
 
 
