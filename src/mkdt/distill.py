@@ -206,6 +206,9 @@ def run(config: Config, out: str | Path, *, force: bool = False,
                    total=r.iterations, unit="it")
     for it in bar:
         history.append(distiller.step())
+        if not math.isfinite(history[-1]) or not math.isfinite(distiller.lr.item()):
+            raise ArtifactError(f"distillation diverged at iteration {it + 1} (non-finite loss or "
+                                "alpha_syn); lower distill.lr_img or distill.lr_lr and rerun with --force")
         bar.set_postfix(loss=f"{history[-1]:.4f}", lr=f"{distiller.lr.item():.4f}")
         if (it + 1) % r.checkpoint_every == 0 or it + 1 == r.iterations:
             save_checkpoint(ckpt, {"distiller": distiller.state(), "iteration": it + 1,
@@ -213,9 +216,9 @@ def run(config: Config, out: str | Path, *, force: bool = False,
                                    "defining": spec})
     final = SyntheticSet(distiller.images.detach().cpu(), distiller.targets.detach().cpu(),
                          distiller.lr.item())
-    if not math.isfinite(final.lr) or not torch.isfinite(final.images).all():
-        raise ArtifactError("distillation diverged (non-finite images or alpha_syn); lower "
-                            "distill.lr_img or distill.lr_lr and rerun with --force")
+    if final.lr <= 0 or not torch.isfinite(final.images).all():
+        raise ArtifactError(f"distillation ended with alpha_syn = {final.lr:.4g} or non-finite images; "
+                            "lower distill.lr_img or distill.lr_lr and rerun with --force")
     save_tensors(run_dir.stage_dir(STAGE) / FILE,
                  {"images": final.images, "targets": final.targets, "lr": torch.tensor(final.lr)},
                  {"mean": list(data.mean), "std": list(data.std), "iterations": r.iterations})
