@@ -175,6 +175,20 @@ class RunDir:
                 f"({describe_difference(found.get('defining', {}), defining)}); use another --out, "
                 f"or --force to redo {stage} and the stages after it")
 
+    def finished_or_reset(self, stage: str, defining: dict[str, Any], force: bool,
+                          scratch: tuple[Path, ...] = ()) -> dict[str, Any] | None:
+        """The record of a stage finished with this config (skip it), or None (run it).
+
+        With ``force`` the record and the ``scratch`` files (checkpoints, partial results) are
+        removed first; a record made with another config raises ArtifactError.
+        """
+        if force:
+            self.invalidate([stage])
+            for path in scratch:
+                path.unlink(missing_ok=True)
+            return None
+        return self.record(stage) if self.is_done(stage, defining) else None
+
     def require(self, stage: str, defining: dict[str, Any], command: str) -> dict[str, Any]:
         """The record of a prerequisite stage, checked for compatibility."""
         record = self.record(stage)

@@ -16,7 +16,6 @@ import lzma
 import os
 import pickle
 import tarfile
-import tempfile
 import warnings
 import zipfile
 import zlib
@@ -30,8 +29,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from safetensors.torch import safe_open, save_file
+from safetensors.torch import safe_open
 
+from mkdt.artifacts import save_tensors
 from mkdt.errors import DataError
 from mkdt.runtime import progress
 
@@ -319,20 +319,11 @@ def _read_cache(path: Path) -> ImageData | None:
 
 
 def _write_cache(path: Path, data: ImageData) -> None:
-    """Write data to path atomically (temp file in the same folder, then rename); a failure to
-    write only warns."""
+    """Write data to path atomically; a failure to write only warns."""
     meta = {"name": data.name, "classes": list(data.classes),
             "mean": list(data.mean), "std": list(data.std)}
-    tensors = {key: getattr(data, key).contiguous() for key in _TENSOR_KEYS}
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        handle, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        os.close(handle)
-        try:
-            save_file(tensors, temp, metadata={"mkdt": json.dumps(meta)})
-            os.replace(temp, path)
-        finally:
-            Path(temp).unlink(missing_ok=True)
+        save_tensors(path, {key: getattr(data, key) for key in _TENSOR_KEYS}, meta)
     except OSError as err:
         warnings.warn(f"cannot write dataset cache {path} ({_reason(err)}); continuing without it",
                       stacklevel=4)

@@ -178,11 +178,8 @@ def run(config: Config, out: str | Path, *, force: bool = False,
     run_dir = RunDir(out)
     spec = defining(config)
     ckpt = run_dir.stage_dir(STAGE) / "checkpoint.pt"
-    if force:
-        run_dir.invalidate([STAGE])
-        ckpt.unlink(missing_ok=True)
-    elif run_dir.is_done(STAGE, spec):
-        return run_dir.record(STAGE) or {}
+    if (done := run_dir.finished_or_reset(STAGE, spec, force, (ckpt,))) is not None:
+        return done
     device = resolve_device(config.device)
     data = data if data is not None else load_real(config)
     r = config.distill

@@ -231,11 +231,8 @@ def run(config: Config, out: str | Path, *, force: bool = False,
     run_dir = RunDir(out)
     spec = defining(config)
     partial_path = run_dir.stage_dir(STAGE) / PARTIAL
-    if force:
-        run_dir.invalidate([STAGE])
-        partial_path.unlink(missing_ok=True)
-    elif run_dir.is_done(STAGE, spec):
-        return run_dir.record(STAGE) or {}
+    if (done := run_dir.finished_or_reset(STAGE, spec, force, (partial_path,))) is not None:
+        return done
     device = resolve_device(config.device)
     data = data if data is not None else load_real(config)
     z = targets_stage.load_targets(run_dir, config, data.num_train)

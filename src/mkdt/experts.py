@@ -116,12 +116,9 @@ def run(config: Config, out: str | Path, *, force: bool = False,
     """Stage entry point: train the missing experts of this rank; record the stage when all exist."""
     run_dir = RunDir(out)
     spec = defining(config)
-    if force:
-        run_dir.invalidate([STAGE])
-        for path in run_dir.stage_dir(STAGE).glob("expert_*.safetensors"):
-            path.unlink()
-    elif run_dir.is_done(STAGE, spec):
-        return run_dir.record(STAGE) or {}
+    old = tuple(run_dir.stage_dir(STAGE).glob("expert_*.safetensors"))
+    if (done := run_dir.finished_or_reset(STAGE, spec, force, old)) is not None:
+        return done
     device = resolve_device(config.device)
     data = data if data is not None else load_real(config)
     z = targets_stage.load_targets(run_dir, config, data.num_train).to(device)

@@ -58,10 +58,8 @@ def run(config: Config, out: str | Path, *, force: bool = False,
     n = config.distill.images
     if n > data.num_train:
         raise ConfigError(f"distill.images ({n}) is larger than D_real ({data.num_train} images)")
-    if force:
-        run_dir.invalidate([STAGE])
-    elif run_dir.is_done(STAGE, spec):
-        return run_dir.record(STAGE) or {}
+    if (done := run_dir.finished_or_reset(STAGE, spec, force)) is not None:
+        return done
     run_dir.require(experts_stage.STAGE, experts_stage.defining(config), "mkdt experts")
     device = resolve_device(config.device)
     start = time.perf_counter()

@@ -45,10 +45,8 @@ def run(config: Config, out: str | Path, *, force: bool = False,
     """Stage entry point: encode D_real with the run's teacher into ``out/targets``."""
     run_dir = RunDir(out)
     spec = defining(config)
-    if force:
-        run_dir.invalidate([STAGE])
-    elif run_dir.is_done(STAGE, spec):
-        return run_dir.record(STAGE) or {}
+    if (done := run_dir.finished_or_reset(STAGE, spec, force)) is not None:
+        return done
     run_dir.require(teacher.STAGE, teacher.defining(config), "mkdt teacher")
     device = resolve_device(config.device)
     data = data if data is not None else load_real(config)

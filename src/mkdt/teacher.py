@@ -225,11 +225,9 @@ def run(config: Config, out: str | Path, *, force: bool = False,
     """Stage entry point: train (or load) the teacher into ``out/teacher``; skip if done."""
     run_dir = RunDir(out)
     spec = defining(config)
-    if force:
-        run_dir.invalidate([STAGE])
-        (run_dir.stage_dir(STAGE) / "checkpoint.pt").unlink(missing_ok=True)
-    elif run_dir.is_done(STAGE, spec):
-        return run_dir.record(STAGE) or {}
+    ckpt = run_dir.stage_dir(STAGE) / "checkpoint.pt"
+    if (done := run_dir.finished_or_reset(STAGE, spec, force, (ckpt,))) is not None:
+        return done
     device = resolve_device(config.device)
     data = data if data is not None else load_real(config)
     start = time.perf_counter()
@@ -239,7 +237,6 @@ def run(config: Config, out: str | Path, *, force: bool = False,
         encoder = load_teacher_checkpoint(Path(t.checkpoint).expanduser(), t.model, data).to(device)
         result["loaded_from"] = str(t.checkpoint)
     else:
-        ckpt = run_dir.stage_dir(STAGE) / "checkpoint.pt"
         encoder, history = train_teacher(config, data, device, ckpt)
         result["loss_history"] = history
     save_encoder(run_dir.stage_dir(STAGE) / "encoder.safetensors", encoder, t.model, data)
