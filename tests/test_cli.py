@@ -40,3 +40,4 @@ def test_run_writes_manifest_and_resumes(tmp_path, capsys):
     again = json.loads((tmp_path / "run/manifest.json").read_text())
     assert again["stages"]["experts"]["finished"] == finished
     assert main(["presets"]) == 0 and "demo" in capsys.readouterr().out
+    assert main(["datasets"]) == 0 and "tinyimagenet" in capsys.readouterr().out

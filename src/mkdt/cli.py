@@ -4,6 +4,7 @@
         STAGE: teacher, targets, experts, init, distill, evaluate, run (all stages in order)
     mkdt config  [--preset NAME] [--config FILE] [key=value ...]   print the resolved config
     mkdt presets                                                   list the presets
+    mkdt datasets                                                  list the registered datasets
 """
 
 from __future__ import annotations
@@ -75,6 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
                        description="print the resolved config (defaults <- preset <- file <- overrides)")
     _add_config_args(p)
     sub.add_parser("presets", help="list the presets", description="list the presets")
+    sub.add_parser("datasets", help="list the registered datasets and their on-disk formats",
+                   description="list the registered datasets and their on-disk formats")
     return parser
 
 
@@ -84,6 +87,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "presets":
             for name in preset_names():
                 print(f"{name:20s} {preset_description(name)}")
+            return 0
+        if args.command == "datasets":
+            from mkdt.data import DATASETS
+
+            for name, spec in sorted(DATASETS.items()):
+                print(f"{name:14s} {spec.description}")
             return 0
         config = load_config(args.preset, args.config, args.overrides)
         if args.command == "config":

@@ -77,8 +77,6 @@ class ConvNet(nn.Module):
 class BasicBlock(nn.Module):
     """ResNet basic block (two 3x3 convs), names as in torchvision."""
 
-    expansion = 1
-
     def __init__(self, in_planes: int, planes: int, stride: int = 1) -> None:
         super().__init__()
         self.conv1 = nn.Conv2d(in_planes, planes, 3, stride=stride, padding=1, bias=False)
