@@ -1,5 +1,9 @@
 """Small configs shared by the stage tests (digits, tiny networks: seconds on a CPU)."""
 
+from contextlib import contextmanager
+
+import pytest
+
 from mkdt.config import Config, load_config
 
 TINY = [
@@ -16,3 +20,19 @@ TINY = [
 
 def tiny_config(cache_dir, *overrides: str) -> Config:
     return load_config("demo", None, [*TINY, f"data.cache_dir={cache_dir}", *overrides])
+
+
+@contextmanager
+def interrupted_after_first_checkpoint(monkeypatch, module):
+    """Inside the block, ``module.save_checkpoint`` writes its file and then raises
+    KeyboardInterrupt, like a user stopping a run right after a checkpoint; the block expects it."""
+    real_save = module.save_checkpoint
+
+    def save_then_interrupt(path, state):
+        real_save(path, state)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(module, "save_checkpoint", save_then_interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        yield
+    monkeypatch.setattr(module, "save_checkpoint", real_save)

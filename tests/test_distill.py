@@ -9,7 +9,7 @@ from mkdt.distill import Distiller, sample_batches, unrolled_matching_loss
 from mkdt.errors import ArtifactError
 from mkdt.experts import train_expert
 from mkdt.models import ConvNet, flatten_params
-from tests.helpers import tiny_config
+from tests.helpers import interrupted_after_first_checkpoint, tiny_config
 
 
 def _tiny_problem(dtype=torch.float64):
@@ -122,16 +122,8 @@ def test_interrupted_distillation_resumes_to_the_same_set(tmp_path, monkeypatch)
     run = RunDir(tmp_path / "run")
     run.invalidate(["distill"])
     (tmp_path / "run/distill/checkpoint.pt").unlink()
-    real_save = distill.save_checkpoint
-
-    def crash_after_first_checkpoint(path, state):
-        real_save(path, state)
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(distill, "save_checkpoint", crash_after_first_checkpoint)
-    with pytest.raises(KeyboardInterrupt):
+    with interrupted_after_first_checkpoint(monkeypatch, distill):
         distill.run(config, tmp_path / "run")
-    monkeypatch.setattr(distill, "save_checkpoint", real_save)
     distill.run(config, tmp_path / "run")
     resumed, _ = load_tensors(tmp_path / "run/distill/synthetic.safetensors")
     assert all(torch.equal(full[k], resumed[k]) for k in full)

@@ -6,7 +6,7 @@ from mkdt.artifacts import RunDir, load_tensors
 from mkdt.errors import ArtifactError
 from mkdt.models import resnet18
 from mkdt.runtime import load_real
-from tests.helpers import tiny_config
+from tests.helpers import interrupted_after_first_checkpoint, tiny_config
 
 
 def test_teacher_trains_saves_encoder_and_reports_probe(tmp_path):
@@ -37,16 +37,8 @@ def test_interrupted_training_resumes_to_the_same_encoder(tmp_path, monkeypatch)
     teacher.run(config, tmp_path / "full")
     full, _ = load_tensors(tmp_path / "full/teacher/encoder.safetensors")
 
-    real_save = teacher.save_checkpoint
-
-    def crash_after_first_checkpoint(path, state):
-        real_save(path, state)
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(teacher, "save_checkpoint", crash_after_first_checkpoint)
-    with pytest.raises(KeyboardInterrupt):
+    with interrupted_after_first_checkpoint(monkeypatch, teacher):
         teacher.run(config, tmp_path / "resumed")
-    monkeypatch.setattr(teacher, "save_checkpoint", real_save)
     assert RunDir(tmp_path / "resumed").record("teacher") is None
     teacher.run(config, tmp_path / "resumed")
     resumed, _ = load_tensors(tmp_path / "resumed/teacher/encoder.safetensors")
