@@ -18,6 +18,7 @@ Stage records live in their own files so that ranks of a distributed run can sha
 from __future__ import annotations
 
 import datetime
+import functools
 import hashlib
 import json
 import os
@@ -76,17 +77,26 @@ def save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[st
 
 def load_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Inverse of :func:`save_tensors`; a missing or corrupt file raises ArtifactError."""
+    metadata = read_metadata(path)
+    try:
+        return load_file(str(path)), metadata
+    except (SafetensorError, OSError) as exc:
+        raise ArtifactError(f"corrupt artifact {path} ({exc}); delete it to redo that stage") from None
+
+
+def read_metadata(path: Path) -> dict[str, Any]:
+    """The ``mkdt`` metadata of a :func:`save_tensors` file, read from its header alone."""
     if not path.is_file():
         raise ArtifactError(f"missing artifact {path}")
     try:
-        tensors = load_file(str(path))
         with open(path, "rb") as fh:
             header_len = int.from_bytes(fh.read(8), "little")
+            if header_len > path.stat().st_size:
+                raise ValueError("header longer than the file")
             header = json.loads(fh.read(header_len))
-        metadata = json.loads(header.get("__metadata__", {}).get(METADATA_KEY, "{}"))
-    except (SafetensorError, OSError, ValueError) as exc:
+        return json.loads(header.get("__metadata__", {}).get(METADATA_KEY, "{}"))
+    except (OSError, ValueError, AttributeError) as exc:
         raise ArtifactError(f"corrupt artifact {path} ({exc}); delete it to redo that stage") from None
-    return tensors, metadata
 
 
 def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
@@ -103,6 +113,14 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
 
 
 def file_sha256(path: Path) -> str:
+    """sha256 of a file's bytes, computed once per (path, size, mtime) in a process: stage
+    definitions ask for the teacher checkpoint's hash once per expert file they check."""
+    stat = path.stat()
+    return _sha256(str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=16)
+def _sha256(path: str, size: int, mtime_ns: int) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as fh:
         for chunk in iter(lambda: fh.read(1 << 20), b""):

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mkdt import targets as targets_stage
-from mkdt.artifacts import RunDir, derive_seed, fingerprint, load_tensors, save_tensors
+from mkdt.artifacts import RunDir, derive_seed, fingerprint, load_tensors, read_metadata, save_tensors
 from mkdt.config import Config, ExpertsConfig, ModelConfig
 from mkdt.data import ImageData
 from mkdt.errors import ArtifactError
@@ -106,7 +106,7 @@ def _is_current(path: Path, fp: str) -> bool:
     if not path.is_file():
         return False
     try:
-        return load_tensors(path)[1].get("fingerprint") == fp
+        return read_metadata(path).get("fingerprint") == fp  # files are written atomically
     except ArtifactError:
         return False
 
@@ -138,13 +138,14 @@ def run(config: Config, out: str | Path, *, force: bool = False,
         traj = train_expert(student, inputs, z, e, save_epochs, gen, desc=f"expert {k}")
         save_tensors(path, {"params": traj.params, "epochs": torch.tensor(traj.epochs),
                             "loss": traj.loss},
-                     {"fingerprint": fp, "index": k, "arch": dataclasses.asdict(e.student)})
+                     {"fingerprint": fp, "index": k, "arch": dataclasses.asdict(e.student),
+                      "final_loss": traj.loss[-1].item()})
         trained.append(time.perf_counter() - t0)
     paths = [expert_path(run_dir, k) for k in range(e.num_experts)]
     if rank != 0 or not all(_is_current(p, fp) for p in paths):
         return {}
     sizes = [p.stat().st_size for p in paths]
-    final_loss = [load_expert(run_dir, config, k).loss[-1].item() for k in range(e.num_experts)]
+    final_loss = [read_metadata(p)["final_loss"] for p in paths]
     result = {
         "num_experts": e.num_experts, "save_epochs": save_epochs,
         "mb_per_expert": sum(sizes) / len(sizes) / 2**20, "mb_total": sum(sizes) / 2**20,
