@@ -5,10 +5,17 @@ from mkdt import distill, experts, init, targets, teacher
 from mkdt.artifacts import RunDir, load_tensors
 from mkdt.config import DistillConfig, ExpertsConfig
 from mkdt.data import load_dataset
-from mkdt.distill import Distiller, sample_batches, unrolled_matching_loss
+from mkdt.distill import (
+    Distiller,
+    matching_grads,
+    recompute_matching_grads,
+    sample_batches,
+    unrolled_matching_loss,
+)
 from mkdt.errors import ArtifactError
 from mkdt.experts import train_expert
 from mkdt.models import ConvNet, flatten_params
+from mkdt.runtime import FastPath
 from tests.helpers import interrupted_after_first_checkpoint, tiny_config
 
 
@@ -47,6 +54,45 @@ def test_pixel_target_and_lr_gradients_match_finite_differences():
         assert analytic.abs() > 1e-8  # a real, non-zero gradient
 
 
+
+
+def _segments(student, start, images, z, num, steps, gen):
+    """``num`` segments with their own starts, targets and batch orders."""
+    starts = torch.stack([start + 0.02 * torch.randn(start.shape, generator=gen, dtype=start.dtype)
+                          for _ in range(num)])
+    ends = starts + 0.05 * torch.randn(starts.shape, generator=gen, dtype=start.dtype)
+    batches = torch.stack([sample_batches(len(images), 4, steps, gen) for _ in range(num)], dim=1)
+    return starts, ends, batches
+
+
+@pytest.mark.parametrize("num_segments", [1, 3])
+@pytest.mark.parametrize("learn_targets", [False, True])
+def test_recompute_backend_equals_unrolled(num_segments, learn_targets):
+    student, start, _, images, z, _ = _tiny_problem()
+    starts, ends, batches = _segments(student, start, images, z, num_segments, 5,
+                                      torch.Generator().manual_seed(2))
+    lr = torch.tensor(0.3, dtype=torch.float64)
+    ref = matching_grads("unrolled", student, starts, ends, images, z, lr, batches, learn_targets)
+    fast = recompute_matching_grads(student, starts, ends, images, z, lr, batches, learn_targets)
+    pairs = [(fast.loss, ref.loss), (fast.images, ref.images), (fast.lr, ref.lr)]
+    if learn_targets:
+        pairs.append((fast.targets, ref.targets))
+    else:
+        assert fast.targets is None and ref.targets is None
+    for got, want in pairs:
+        assert want.abs().max() > 1e-8
+        assert ((got - want).norm() / want.norm()).item() < 1e-6
+
+
+def test_several_segments_average_the_single_segment_losses():
+    student, start, _, images, z, _ = _tiny_problem()
+    starts, ends, batches = _segments(student, start, images, z, 3, 4, torch.Generator().manual_seed(3))
+    lr = torch.tensor(0.2, dtype=torch.float64)
+    together = unrolled_matching_loss(student, starts, ends, images, z, lr, batches)
+    alone = [unrolled_matching_loss(student, starts[b], ends[b], images, z, lr, batches[:, b])
+             for b in range(3)]
+    assert torch.allclose(together, torch.stack(alone).mean(), rtol=1e-12)
+    assert len({round(x.item(), 6) for x in alone}) == 3  # three different segments
 
 
 def test_sample_batches_walk_through_permutations():
@@ -88,9 +134,9 @@ def test_distillation_loss_falls_on_a_small_problem(digits_experts):
 
 def test_every_iteration_can_draw_any_expert_and_start_epoch(digits_experts):
     student, x, z, trajs = digits_experts
-    distiller = Distiller(student, x[:10], z[:10], trajs, DistillConfig(max_start_epoch=2),
+    distiller = Distiller(student, x[:10], z[:10], trajs, DistillConfig(max_start_epoch=2, trajectories=2),
                           torch.Generator().manual_seed(0))
-    draws = {distiller.draw_segment() for _ in range(200)}
+    draws = {seg for _ in range(100) for seg in distiller.draw_segments()}
     assert draws == {(k, s) for k in range(3) for s in range(2)}
 
 
@@ -137,3 +183,34 @@ def test_matching_loss_is_one_when_the_step_size_is_zero():
     student, start, target, images, z, batches = _tiny_problem()
     zero = torch.tensor(0.0, dtype=torch.float64)
     assert unrolled_matching_loss(student, start, target, images, z, zero, batches).item() == pytest.approx(1)
+
+
+@pytest.mark.parametrize("backend", ["unrolled", "recompute"])
+def test_bf16_autocast_and_channels_last_agree_with_fp32(backend):
+    torch.manual_seed(0)
+    student = ConvNet(in_channels=3, image_size=8, width=8, depth=2, out_dim=16)
+    start = flatten_params(student)
+    target = start + 0.01 * torch.randn(start.shape)
+    images, z, lr = torch.randn(24, 3, 8, 8), torch.randn(24, 16), torch.tensor(0.1)
+    batches = sample_batches(24, 12, 4, torch.Generator().manual_seed(0))
+    ref = matching_grads(backend, student, start, target, images, z, lr, batches)
+    fast = FastPath(torch.device("cpu"), precision="bf16", channels_last=True)
+    got = matching_grads(backend, student, start, target, fast.images(images), z, lr, batches,
+                         autocast=fast.autocast)
+    assert abs(got.loss - ref.loss) / ref.loss < 1e-2  # bf16 keeps ~3 significant digits
+    assert torch.nn.functional.cosine_similarity(got.images.flatten(), ref.images.flatten(), dim=0) > 0.99
+    assert abs(got.lr - ref.lr) / ref.lr.abs() < 0.05
+    exact = FastPath(torch.device("cpu"), channels_last=True)
+    layout = matching_grads(backend, student, start, target, exact.images(images), z, lr, batches)
+    assert torch.allclose(layout.images, ref.images, rtol=1e-4, atol=1e-7)
+
+
+def test_auto_backend_picks_recompute_for_large_graphs():
+    student, shape, cpu = ConvNet(3, 32, 128, 3, 512), torch.Size((3, 32, 32)), torch.device("cpu")
+    small = DistillConfig(images=100, syn_steps=2, batch_syn=10)
+    paper = DistillConfig()  # N = 40, batch 256, width 128: ~ 30 GB unrolled
+    assert distill.resolve_backend(small, student, shape, cpu) == "unrolled"
+    assert distill.resolve_backend(paper, student, shape, cpu) == "recompute"
+    assert distill.unrolled_graph_bytes(paper, student, shape) > 20 * 2**30
+    forced = DistillConfig(backend="unrolled")
+    assert distill.resolve_backend(forced, student, shape, cpu) == "unrolled"

@@ -1,11 +1,14 @@
+import shutil
+
 import pytest
 import torch
 import torch.nn.functional as F
 
 from mkdt import experts, targets, teacher
 from mkdt.artifacts import RunDir, derive_seed
-from mkdt.errors import ArtifactError
-from mkdt.models import unflatten_params
+from mkdt.config import ExpertsConfig
+from mkdt.errors import ArtifactError, ConfigError
+from mkdt.models import ConvNet, flatten_params, unflatten_params
 from mkdt.runtime import load_real, seeded
 from tests.helpers import tiny_config
 
@@ -82,6 +85,86 @@ def test_experts_of_another_config_are_refused(run_a):
         experts.run(other, run.path)
     with pytest.raises(ArtifactError, match="different config"):
         experts.load_expert(run, other, 0)
+
+
+def test_batched_experts_equal_one_at_a_time():
+    x = torch.randn(50, 1, 8, 8, dtype=torch.float64)
+    z = torch.randn(50, 6, dtype=torch.float64)
+    recipe = ExpertsConfig(epochs=3, batch_size=16)   # 16 does not divide 50: a last batch of 2
+
+    def students():
+        return [ConvNet(1, 8, width=4, depth=2, out_dim=6).double() for _ in range(3)]
+
+    def gens():
+        return [torch.Generator().manual_seed(10 + k) for k in range(3)]
+
+    torch.manual_seed(0)
+    one = [experts.train_expert(s, x, z, recipe, [0, 1, 3], g)
+           for s, g in zip(students(), gens(), strict=True)]
+    torch.manual_seed(0)
+    batch = students()
+    together = experts.train_experts(batch, x, z, recipe, [0, 1, 3], gens())
+    for a, b, student in zip(one, together, batch, strict=True):
+        assert b.epochs == a.epochs == (0, 1, 3)
+        assert torch.equal(b.params[0], a.params[0])   # its own init
+        assert torch.allclose(b.params, a.params, rtol=0, atol=1e-10)
+        assert torch.allclose(b.loss, a.loss, rtol=1e-6, atol=0)
+        assert torch.equal(flatten_params(student), b.params[-1])   # trained in place
+    assert not torch.allclose(together[0].params[-1], together[1].params[-1])
+
+
+def test_parallel_experts_match_and_resume_with_another_parallelism(run_a, tmp_path, monkeypatch):
+    config, run = run_a
+
+    def fresh(name, *overrides):
+        for stage in ("teacher", "targets"):
+            shutil.copytree(run.stage_dir(stage), tmp_path / name / stage)
+        return tiny_config(config.data.cache_dir, "teacher.probe=false", "experts.num_experts=3",
+                           *overrides), RunDir(tmp_path / name)
+
+    serial, ref = fresh("serial", "experts.parallel=1")
+    experts.run(serial, ref.path)
+    batched, out = fresh("batched", "experts.parallel=2")
+    groups = []
+    train_experts = experts.train_experts
+
+    def spy(students, *args):
+        groups.append(len(students))
+        return train_experts(students, *args)
+
+    monkeypatch.setattr(experts, "train_experts", spy)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    assert experts.run(batched, out.path) == {}   # rank 1 trains expert 1 only
+    assert [p.name for p in out.stage_dir("experts").glob("*.safetensors")] == ["expert_0001.safetensors"]
+    monkeypatch.setenv("RANK", "0")
+    experts.run(batched, out.path)                 # rank 0: experts 0 and 2 in one group
+    assert groups == [1, 2]
+    for k in range(3):
+        a, b = experts.load_expert(ref, serial, k), experts.load_expert(out, batched, k)
+        # float32 and instance norm on 2x2 maps amplify rounding (moving the init by 1e-6 moves
+        # epoch 3 by ~1e-3); the float64 test above checks the batched maths tightly
+        assert torch.allclose(b.params, a.params, rtol=0, atol=1e-2)
+        assert torch.allclose(b.loss, a.loss, rtol=1e-4, atol=0)
+    assert torch.equal(experts.load_expert(out, batched, 1).params,   # a group of one is train_expert
+                       experts.load_expert(ref, serial, 1).params)
+    assert experts.defining(serial) == experts.defining(batched)
+
+    kept = experts.expert_path(out, 1).read_bytes()
+    for k in (0, 2):
+        experts.expert_path(out, k).unlink()
+    out.invalidate(["experts"])
+    experts.run(tiny_config(config.data.cache_dir, "teacher.probe=false", "experts.num_experts=3",
+                            "experts.parallel=3"), out.path)
+    assert groups == [1, 2, 2]                     # the two missing experts only
+    assert experts.expert_path(out, 1).read_bytes() == kept
+    assert experts.run(serial, out.path)["result"]["num_experts"] == 3   # finished: nothing retrained
+    assert groups == [1, 2, 2]
+
+
+def test_parallel_must_not_be_negative(tmp_path):
+    with pytest.raises(ConfigError, match="experts.parallel"):
+        tiny_config(tmp_path, "experts.parallel=-1")
 
 
 def test_stage_without_its_prerequisite_says_what_to_run(tmp_path):

@@ -91,6 +91,9 @@ class ExpertsConfig:
     student: ModelConfig = opt(ModelConfig(), "student network (its head regresses the targets)")
     save_epochs: list[int] | None = opt(None, "epochs whose weights are stored (0 = init); default: "
                                               "0..max_start_epoch+expert_epochs, 1 and the last")
+    parallel: int = opt(0, "experts trained at once (stacked, vmapped; 1 = one at a time), same "
+                           "results within float tolerance; 0 = auto: 10 on CUDA, 1 on CPU (batching "
+                           "was slower there, see benchmarks/experts.py)")
 
 
 @dataclass
@@ -109,6 +112,12 @@ class DistillConfig:
     momentum: float = opt(0.5, "momentum of every distillation optimizer")
     learn_targets: bool = opt(False, "also learn the synthetic targets Z_syn (the authors' release)")
     lr_targets: float = opt(1.0, "SGD learning rate of Z_syn when learn_targets is true")
+    trajectories: int = opt(1, "B: expert segments matched per iteration (batched with vmap); the "
+                               "loss is their mean, so B > 1 lowers the gradient's variance")
+    backend: str = opt("auto", "how the gradient through the N steps is computed (same values): "
+                               "unrolled (full autograd graph, memory ~ N), recompute (memory "
+                               "independent of N, about 1.2x the time) or auto (recompute when the "
+                               "unrolled graph would be large, see BENCHMARKS.md)")
     checkpoint_every: int = opt(100, "save a resumable checkpoint every this many iterations")
 
 
@@ -138,6 +147,13 @@ class EvaluateConfig:
 class Config:
     seed: int = opt(0, "seed from which every random choice is derived")
     device: str = opt("auto", "auto (cuda if available), cpu, cuda or cuda:N")
+    precision: str = opt("fp32", "fp32, or bf16: bfloat16 autocast of the networks' forward passes "
+                                 "(teacher training, experts, distillation's inner steps, evaluation "
+                                 "pre-training; on GPUs); weights, optimizer states, targets, losses "
+                                 "and the matching loss stay float32")
+    channels_last: bool = opt(False, "channels_last memory layout for convolutions (faster on GPUs)")
+    compile: bool = opt(False, "torch.compile the teacher and the students in module-based training "
+                               "(teacher, experts, evaluation); the first epoch pays the compile time")
     data: DataConfig = opt(DataConfig(), "real data")
     teacher: TeacherConfig = opt(TeacherConfig(), "stage 1: SSL teacher")
     targets: TargetsConfig = opt(TargetsConfig(), "stage 2: teacher targets")
@@ -150,6 +166,7 @@ class Config:
         _check(self.seed >= 0, "seed", "must be >= 0")
         _check(self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"),
                "device", "must be auto, cpu, cuda or cuda:N")
+        _check(self.precision in ("fp32", "bf16"), "precision", "must be fp32 or bf16")
         d = self.data
         _check(d.resolution is None or d.resolution >= 4, "data.resolution", "must be >= 4")
         _check(d.pool_size is None or d.pool_size >= 2, "data.pool_size", "must be >= 2")
@@ -173,6 +190,7 @@ class Config:
             _check(getattr(e, key) >= 1, f"experts.{key}", "must be >= 1")
         _check(e.lr > 0 and 0 <= e.momentum < 1 and e.weight_decay >= 0, "experts",
                "need lr > 0, 0 <= momentum < 1, weight_decay >= 0")
+        _check(e.parallel >= 0, "experts.parallel", "must be >= 0 (0 = auto, 1 = one at a time)")
         for name, model in (("teacher.model", t.model), ("experts.student", e.student)):
             _check(model.arch in ("convnet", "resnet10", "resnet18"), f"{name}.arch",
                    "must be convnet, resnet10 or resnet18")
@@ -181,6 +199,9 @@ class Config:
         for key in ("images", "iterations", "syn_steps", "expert_epochs", "max_start_epoch",
                     "batch_syn", "checkpoint_every"):
             _check(getattr(s, key) >= 1, f"distill.{key}", "must be >= 1")
+        _check(s.trajectories >= 1, "distill.trajectories", "must be >= 1")
+        _check(s.backend in DISTILL_BACKENDS, "distill.backend",
+               f"must be one of {', '.join(DISTILL_BACKENDS)}")
         _check(s.init in INIT_METHODS, "distill.init", f"must be one of {', '.join(INIT_METHODS)}")
         _check(min(s.lr_img, s.lr_lr, s.lr_init, s.lr_targets) > 0 and 0 <= s.momentum < 1,
                "distill", "learning rates must be > 0 and momentum in [0, 1)")
@@ -221,6 +242,7 @@ class Config:
 
 
 INIT_METHODS = ("high_loss", "random")
+DISTILL_BACKENDS = ("auto", "unrolled", "recompute")
 EVAL_METHODS = ("no_pretrain", "random", "high_loss", "full", "mkdt")
 
 

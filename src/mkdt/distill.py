@@ -21,13 +21,15 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import time
+from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from mkdt import experts as experts_stage
@@ -47,11 +49,12 @@ from mkdt.config import Config, DistillConfig
 from mkdt.data import ImageData
 from mkdt.errors import ArtifactError
 from mkdt.models import unflatten_params
-from mkdt.runtime import generator, load_real, progress, resolve_device
+from mkdt.runtime import fast_path, generator, load_real, progress, resolve_device
 
 STAGE = "distill"
 FILE = "synthetic.safetensors"
-_NOT_DEFINING = ("checkpoint_every",)
+_NOT_DEFINING = ("checkpoint_every", "backend")
+_GRAPH_FACTOR = 2  # measured with benchmarks/distill.py (1.6-1.8 on CPU for ConvNetD3), see BENCHMARKS.md
 
 
 @dataclass
@@ -78,20 +81,126 @@ def sample_batches(n: int, batch_size: int, steps: int, gen: torch.Generator) ->
     return torch.cat(perms)[:steps]
 
 
+def _segment_grads(student: nn.Module, theta: torch.Tensor, x: torch.Tensor, z: torch.Tensor,
+                   create_graph: bool) -> torch.Tensor:
+    """Inner gradients g_b = grad_theta L_MSE(f_{theta_b}(x_b), z_b) of B segments at once.
+
+    ``theta`` (B, P), ``x`` (B, b, C, H, W), ``z`` (B, b, D) -> (B, P). B > 1 runs the students with
+    ``torch.func.vmap``; the loss summed over segments gives each segment its own gradient.
+    """
+    if theta.shape[0] == 1:
+        out = torch.func.functional_call(student, unflatten_params(student, theta[0]), (x[0],))[None]
+    else:
+        def forward(t: torch.Tensor, xb: torch.Tensor) -> torch.Tensor:
+            return torch.func.functional_call(student, unflatten_params(student, t), (xb,))
+        out = torch.func.vmap(forward)(theta, x)
+    loss = (out.to(z.dtype) - z).pow(2).mean(dim=(1, 2)).sum()
+    return torch.autograd.grad(loss, theta, create_graph=create_graph)[0]
+
+
+def _as_segments(start: torch.Tensor, target: torch.Tensor,
+                 batches: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Accept one segment ((P,), (P,), (N, b)) or B segments ((B, P), (B, P), (N, B, b))."""
+    if start.dim() == 1:
+        return start[None], target[None], batches[:, None]
+    return start, target, batches
+
+
+def _normalised_distance(theta: torch.Tensor, start: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Mean over segments of ||theta_N - theta*_{s+M}||^2 / ||theta*_s - theta*_{s+M}||^2."""
+    return ((theta - target).pow(2).sum(1) / (start - target).pow(2).sum(1)).mean()
+
+
 def unrolled_matching_loss(student: nn.Module, start: torch.Tensor, target: torch.Tensor,
                            images: torch.Tensor, targets: torch.Tensor, lr: torch.Tensor,
-                           batches: torch.Tensor) -> torch.Tensor:
-    """L_DD with the full autograd graph through the N = len(batches) SGD steps.
+                           batches: torch.Tensor, autocast: Callable[[], Any] = nullcontext,
+                           ) -> torch.Tensor:
+    """L_DD with the full autograd graph through the N = len(batches) SGD steps (the reference).
 
-    Differentiable w.r.t. ``images``, ``targets`` and ``lr``; memory grows linearly with N.
+    One segment (``start``/``target`` (P,), ``batches`` (N, b)) or B segments ((B, P), (N, B, b)),
+    whose losses are averaged. Differentiable w.r.t. ``images``, ``targets`` and ``lr``; memory
+    grows linearly with N.
     """
+    start, target, batches = _as_segments(start, target, batches)
     with torch.enable_grad():  # the inner gradients are needed even under no_grad
         theta = start.detach().requires_grad_(True)
         for idx in batches:
-            out = torch.func.functional_call(student, unflatten_params(student, theta), (images[idx],))
-            grad = torch.autograd.grad(F.mse_loss(out, targets[idx]), theta, create_graph=True)[0]
+            with autocast():
+                grad = _segment_grads(student, theta, images[idx], targets[idx], create_graph=True)
             theta = theta - lr * grad
-        return (theta - target).pow(2).sum() / (start - target).pow(2).sum()
+        return _normalised_distance(theta, start, target)
+
+
+@dataclass
+class MatchingGrads:
+    """L_DD and its gradients w.r.t. the synthetic images, targets and step size."""
+
+    loss: torch.Tensor
+    images: torch.Tensor
+    targets: torch.Tensor | None
+    lr: torch.Tensor
+
+
+def recompute_matching_grads(student: nn.Module, start: torch.Tensor, target: torch.Tensor,
+                             images: torch.Tensor, targets: torch.Tensor, lr: torch.Tensor,
+                             batches: torch.Tensor, learn_targets: bool = False,
+                             autocast: Callable[[], Any] = nullcontext) -> MatchingGrads:
+    """The exact gradient of :func:`unrolled_matching_loss` in memory independent of N.
+
+    Forward: theta_{n+1} = theta_n - alpha g_n(theta_n) without a graph, keeping the N + 1 parameter
+    vectors. Reverse, with lambda_N = dL/dtheta_N = 2 (theta_N - theta*) / ||theta*_s - theta*||^2 / B
+    and, for n = N-1 .. 0, the step's graph rebuilt from theta_n alone:
+    dL/dalpha -= <lambda_{n+1}, g_n>; dL/d(x, z)[b_n] -= alpha (dg_n/d(x, z))^T lambda_{n+1};
+    lambda_n = lambda_{n+1} - alpha H_n lambda_{n+1} (one double-backward gives all three products).
+    """
+    start, target, batches = _as_segments(start, target, batches)
+    alpha = lr.detach()
+    images_d, targets_d = images.detach(), targets.detach()
+    thetas = [start.detach()]
+    for idx in batches:
+        theta = thetas[-1].requires_grad_(True)
+        with torch.enable_grad(), autocast():
+            grad = _segment_grads(student, theta, images_d[idx], targets_d[idx], create_graph=False)
+        thetas.append(thetas[-1].detach() - alpha * grad)
+    theta_n = thetas.pop()
+    with torch.no_grad():
+        loss = _normalised_distance(theta_n, start, target)
+        lam = 2 * (theta_n - target) / (start - target).pow(2).sum(1, keepdim=True) / len(start)
+    grad_images = torch.zeros_like(images_d)
+    grad_targets = torch.zeros_like(targets_d) if learn_targets else None
+    grad_lr = torch.zeros((), dtype=lr.dtype, device=lr.device)
+    for idx, theta in zip(reversed(batches), reversed(thetas), strict=True):
+        theta = theta.detach().requires_grad_(True)
+        x = images_d[idx].requires_grad_(True)
+        z = targets_d[idx].requires_grad_(learn_targets)
+        with torch.enable_grad():
+            with autocast():
+                grad = _segment_grads(student, theta, x, z, create_graph=True)
+            inputs = (theta, x, z) if learn_targets else (theta, x)
+            products = torch.autograd.grad(grad, inputs, grad_outputs=lam)
+        grad_lr -= (lam * grad.detach()).sum()
+        flat = idx.reshape(-1)
+        grad_images.index_add_(0, flat, products[1].reshape(-1, *images_d.shape[1:]), alpha=-alpha)
+        if grad_targets is not None:
+            grad_targets.index_add_(0, flat, products[2].reshape(-1, targets_d.shape[1]), alpha=-alpha)
+        lam = lam - alpha * products[0]
+    return MatchingGrads(loss, grad_images, grad_targets, grad_lr)
+
+
+def matching_grads(backend: str, student: nn.Module, start: torch.Tensor, target: torch.Tensor,
+                   images: torch.Tensor, targets: torch.Tensor, lr: torch.Tensor, batches: torch.Tensor,
+                   learn_targets: bool = False,
+                   autocast: Callable[[], Any] = nullcontext) -> MatchingGrads:
+    """L_DD and its gradients with the ``unrolled`` or the ``recompute`` backend (same values)."""
+    if backend == "recompute":
+        return recompute_matching_grads(student, start, target, images, targets, lr, batches,
+                                        learn_targets, autocast)
+    leaves = (images.detach().requires_grad_(True), targets.detach().requires_grad_(learn_targets),
+              lr.detach().requires_grad_(True))
+    loss = unrolled_matching_loss(student, start, target, *leaves, batches, autocast)
+    wrt = leaves if learn_targets else (leaves[0], leaves[2])
+    grads = torch.autograd.grad(loss, wrt)
+    return MatchingGrads(loss.detach(), grads[0], grads[1] if learn_targets else None, grads[-1])
 
 
 class Distiller:
@@ -99,8 +208,10 @@ class Distiller:
 
     def __init__(self, student: nn.Module, images: torch.Tensor, targets: torch.Tensor,
                  trajectories: list[experts_stage.Trajectory], recipe: DistillConfig,
-                 gen: torch.Generator) -> None:
+                 gen: torch.Generator, backend: str = "recompute",
+                 autocast: Callable[[], Any] = nullcontext) -> None:
         self.student, self.recipe, self.gen = student, recipe, gen
+        self.backend, self.autocast = backend, autocast
         self.trajectories = trajectories
         self.images = images.detach().clone().requires_grad_(True)
         self.targets = targets.detach().clone().requires_grad_(recipe.learn_targets)
@@ -115,27 +226,30 @@ class Distiller:
         opts = {"images": self.opt_images, "lr": self.opt_lr}
         return opts | ({"targets": self.opt_targets} if self.opt_targets is not None else {})
 
-    def draw_segment(self) -> tuple[int, int]:
-        """(expert k, start epoch s), uniform over all K experts and {0, ..., T+ - 1}."""
-        k = torch.randint(len(self.trajectories), (1,), generator=self.gen, device=self.gen.device)
-        s = torch.randint(self.recipe.max_start_epoch, (1,), generator=self.gen, device=self.gen.device)
-        return int(k), int(s)
+    def draw_segments(self) -> list[tuple[int, int]]:
+        """``distill.trajectories`` pairs (expert k, start epoch s), each uniform over all K experts
+        and {0, ..., T+ - 1}."""
+        g, r = self.gen, self.recipe
+        ks = torch.randint(len(self.trajectories), (r.trajectories,), generator=g, device=g.device)
+        ss = torch.randint(r.max_start_epoch, (r.trajectories,), generator=g, device=g.device)
+        return list(zip(ks.tolist(), ss.tolist(), strict=True))
 
     def step(self) -> float:
-        """One iteration: draw (k, s), match the segment, update pixels, alpha_syn (and Z_syn)."""
+        """One iteration: draw B segments, match them, update pixels, alpha_syn (and Z_syn)."""
         r, device = self.recipe, self.images.device
-        k, s = self.draw_segment()
-        traj = self.trajectories[k]
-        start, target = traj.at(s).to(device), traj.at(s + r.expert_epochs).to(device)
-        batches = sample_batches(len(self.images), r.batch_syn, r.syn_steps, self.gen).to(device)
-        loss = unrolled_matching_loss(self.student, start, target, self.images, self.targets,
-                                      self.lr, batches)
-        for opt in self.optimizers().values():
-            opt.zero_grad(set_to_none=True)
-        loss.backward()
+        segments = self.draw_segments()
+        start = torch.stack([self.trajectories[k].at(s) for k, s in segments]).to(device)
+        target = torch.stack([self.trajectories[k].at(s + r.expert_epochs) for k, s in segments]).to(device)
+        batches = torch.stack([sample_batches(len(self.images), r.batch_syn, r.syn_steps, self.gen)
+                               for _ in segments], dim=1).to(device)  # (N, B, b)
+        result = matching_grads(self.backend, self.student, start, target, self.images, self.targets,
+                                self.lr, batches, r.learn_targets, self.autocast)
+        self.images.grad, self.lr.grad = result.images, result.lr
+        if self.opt_targets is not None:
+            self.targets.grad = result.targets
         for opt in self.optimizers().values():
             opt.step()
-        return loss.item()
+        return result.loss.item()
 
     def state(self) -> dict[str, Any]:
         return {"images": self.images.detach().cpu(), "targets": self.targets.detach().cpu(),
@@ -150,6 +264,45 @@ class Distiller:
         self.gen.set_state(state["generator"])
         for key, opt in self.optimizers().items():
             opt.load_state_dict(state["optimizers"][key])
+
+
+def unrolled_graph_bytes(recipe: DistillConfig, student: nn.Module, image_shape: torch.Size) -> int:
+    """Rough size of the unrolled backend's autograd graph: N x B x batch_syn x the activations of
+    one image (every module output, x ``_GRAPH_FACTOR`` for the double-backward graph)."""
+    elements = 0
+
+    def count(_module: nn.Module, _inputs: Any, output: torch.Tensor) -> None:
+        nonlocal elements
+        elements += output.numel()
+
+    leaves = [m for m in student.modules() if not list(m.children())]
+    hooks = [m.register_forward_hook(count) for m in leaves]
+    try:
+        with torch.no_grad():
+            p = next(student.parameters())
+            student(torch.zeros(1, *image_shape, device=p.device, dtype=p.dtype))
+    finally:
+        for h in hooks:
+            h.remove()
+    batch = min(recipe.batch_syn, recipe.images)
+    return _GRAPH_FACTOR * 4 * elements * batch * recipe.syn_steps * recipe.trajectories
+
+
+def device_memory_bytes(device: torch.device) -> int:
+    """Total memory of ``device``: the GPU's, or the machine's RAM for the CPU."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def resolve_backend(recipe: DistillConfig, student: nn.Module, image_shape: torch.Size,
+                    device: torch.device) -> str:
+    """``distill.backend``; ``auto`` = ``unrolled`` (a little faster) while its graph would take at
+    most a quarter of the device's memory, ``recompute`` (memory independent of N) above."""
+    if recipe.backend != "auto":
+        return recipe.backend
+    small = unrolled_graph_bytes(recipe, student, image_shape) <= device_memory_bytes(device) // 4
+    return "unrolled" if small else "recompute"
 
 
 def save_grid(path: Path, images: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...],
@@ -185,12 +338,14 @@ def run(config: Config, out: str | Path, *, force: bool = False,
     r = config.distill
     indices = init_stage.load_indices(run_dir, config)[r.init]
     z = targets_stage.load_targets(run_dir, config, data.num_train)
-    images = data.normalize(data.train_images[indices]).to(device)
+    fast = fast_path(config, device)
+    images = fast.images(data.normalize(data.train_images[indices]).to(device))
     trajectories = [experts_stage.load_expert(run_dir, config, k)
                     for k in range(config.experts.num_experts)]
     student = experts_stage.build_student(config.experts.student, data, z.shape[1]).to(device)
+    backend = resolve_backend(r, student, images.shape[1:], device)
     distiller = Distiller(student, images, z[indices].to(device), trajectories, r,
-                          generator(derive_seed(config.seed, "distill"), device))
+                          generator(derive_seed(config.seed, "distill"), device), backend, fast.autocast)
     history: list[float] = []
     start_iter = 0
     if ckpt.is_file():
@@ -199,7 +354,7 @@ def run(config: Config, out: str | Path, *, force: bool = False,
         distiller.load_state(state["distiller"])
         start_iter, history = state["iteration"], list(state["history"])
     start = time.perf_counter()
-    bar = progress(range(start_iter, r.iterations), desc="distill", initial=start_iter,
+    bar = progress(range(start_iter, r.iterations), desc=f"distill ({backend})", initial=start_iter,
                    total=r.iterations, unit="it")
     for it in bar:
         history.append(distiller.step())
@@ -221,7 +376,7 @@ def run(config: Config, out: str | Path, *, force: bool = False,
                  {"mean": list(data.mean), "std": list(data.std), "iterations": r.iterations})
     save_grid(run_dir.stage_dir(STAGE) / "grid.png", final.images, data.mean, data.std)
     window = max(1, min(50, len(history) // 5))
-    result = {"learned_lr": final.lr, "iterations": r.iterations,
+    result = {"learned_lr": final.lr, "iterations": r.iterations, "backend": backend,
               "loss_first": sum(history[:window]) / window,
               "loss_last": sum(history[-window:]) / window,
               "seconds_per_iteration": (time.perf_counter() - start) / max(1, r.iterations - start_iter)}

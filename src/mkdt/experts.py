@@ -11,12 +11,20 @@ init) in ``experts/expert_KKKK.safetensors``:
 
 Experts are independent files, so an interrupted stage resumes at the next missing expert, and
 ranks of a torchrun job each train experts ``rank, rank + world, ...`` into the same folder.
+
+``experts.parallel`` experts are trained at once (:func:`train_experts`: parameters stacked and the
+forward pass vmapped; 0 = by device, :data:`AUTO_PARALLEL`). Each keeps its own init, batch order and
+SGD state, so the result equals one-at-a-time training within float tolerance (not bitwise: the
+batched convolutions sum in another order). It is a runtime choice, not part of the experts'
+fingerprint: a run may resume with another.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,6 +42,9 @@ from mkdt.models import build_model, flatten_params
 from mkdt.runtime import generator, load_real, progress, rank_and_world, resolve_device, seeded
 
 STAGE = "experts"
+_NOT_DEFINING = ("parallel",)
+# experts.parallel=0 by device type; elsewhere one at a time (batched was ~2x slower on a 2-core CPU)
+AUTO_PARALLEL = {"cuda": 10}
 
 
 @dataclass(frozen=True)
@@ -53,7 +64,8 @@ class Trajectory:
 
 def defining(config: Config) -> dict[str, Any]:
     """The targets' definition plus the experts' recipe and the epochs kept."""
-    recipe = dataclasses.asdict(config.experts) | {"save_epochs": config.expert_save_epochs()}
+    recipe = {k: v for k, v in dataclasses.asdict(config.experts).items() if k not in _NOT_DEFINING}
+    recipe["save_epochs"] = config.expert_save_epochs()
     return {"targets": targets_stage.defining(config), "experts": recipe}
 
 
@@ -68,25 +80,92 @@ def train_expert(student: nn.Module, inputs: torch.Tensor, targets: torch.Tensor
     """Train ``student`` in place on normalised ``inputs`` (N, C, H, W) -> ``targets`` (N, D)."""
     optimizer = torch.optim.SGD(student.parameters(), lr=recipe.lr, momentum=recipe.momentum,
                                 weight_decay=recipe.weight_decay)
-    n, bs = len(inputs), recipe.batch_size
-    saved = [flatten_params(student)] if 0 in save_epochs else []
-    losses = []
     student.train()
+
+    def step(idx: torch.Tensor) -> torch.Tensor:
+        loss = F.mse_loss(student(inputs[idx[0]]), targets[idx[0]])
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        return loss.detach()[None]
+
+    return _fit(step, lambda: flatten_params(student)[None], inputs, recipe, save_epochs, [gen], desc)[0]
+
+
+def train_experts(students: Sequence[nn.Module], inputs: torch.Tensor, targets: torch.Tensor,
+                  recipe: ExpertsConfig, save_epochs: list[int], gens: Sequence[torch.Generator],
+                  desc: str | None = None) -> list[Trajectory]:
+    """Train same-architecture ``students`` at once, student k drawing its batches from ``gens[k]``.
+
+    Equals ``[train_expert(s, ..., g) for s, g in zip(students, gens)]`` within float tolerance
+    (bitwise for one student); the students are updated in place.
+    """
+    if len(students) != len(gens):
+        raise ValueError(f"got {len(students)} students but {len(gens)} generators")
+    if len(students) == 1:
+        return [train_expert(students[0], inputs, targets, recipe, save_epochs, gens[0], desc)]
+    for student in students:
+        student.train()
+    params, buffers = torch.func.stack_module_state(list(students))  # (E, ...) copies, trained here
+    template = copy.deepcopy(students[0]).to("meta")
+    optimizer = torch.optim.SGD(params.values(), lr=recipe.lr, momentum=recipe.momentum,
+                                weight_decay=recipe.weight_decay)  # elementwise: per student
+
+    def kd_loss(p: dict[str, torch.Tensor], b: dict[str, torch.Tensor], x: torch.Tensor,
+                y: torch.Tensor) -> torch.Tensor:
+        return F.mse_loss(torch.func.functional_call(template, (p, b), (x,)), y)
+
+    losses_of = torch.func.vmap(kd_loss)
+
+    def step(idx: torch.Tensor) -> torch.Tensor:
+        losses = losses_of(params, buffers, inputs[idx], targets[idx])
+        optimizer.zero_grad(set_to_none=True)
+        losses.sum().backward()  # student k's parameters get exactly the gradient of its own loss
+        optimizer.step()
+        return losses.detach()
+
+    def snapshot() -> torch.Tensor:
+        return torch.cat([p.detach().flatten(1) for p in params.values()], dim=1)
+
+    trajectories = _fit(step, snapshot, inputs, recipe, save_epochs, gens, desc)
+    stacked = params | buffers
+    with torch.no_grad():
+        for k, student in enumerate(students):
+            for name, tensor in [*student.named_parameters(), *student.named_buffers()]:
+                tensor.copy_(stacked[name][k])
+    return trajectories
+
+
+def _fit(step: Callable[[torch.Tensor], torch.Tensor], snapshot: Callable[[], torch.Tensor],
+         inputs: torch.Tensor, recipe: ExpertsConfig, save_epochs: list[int],
+         gens: Sequence[torch.Generator], desc: str | None) -> list[Trajectory]:
+    """The epoch loop of E students: each epoch student k permutes the N ``inputs`` with ``gens[k]``;
+    ``step`` takes the (E, b) indices of one batch, updates every student and returns their (E,)
+    mean losses; ``snapshot`` returns the (E, P) flat parameters."""
+    n, device = len(inputs), inputs.device
+    saved = [snapshot()] if 0 in save_epochs else []
+    losses = []
     for epoch in progress(range(1, recipe.epochs + 1), desc=desc, leave=False, unit="epoch",
                           disable=desc is None):
-        perm = torch.randperm(n, generator=gen, device=inputs.device)
-        total = torch.zeros((), device=inputs.device)
-        for i in range(0, n, bs):
-            idx = perm[i:i + bs]
-            loss = F.mse_loss(student(inputs[idx]), targets[idx])
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            total += loss.detach() * len(idx)
-        losses.append(total.item() / n)
+        perms = torch.stack([torch.randperm(n, generator=g, device=device) for g in gens])
+        total = torch.zeros(len(gens), device=device)
+        for i in range(0, n, recipe.batch_size):
+            idx = perms[:, i:i + recipe.batch_size]
+            total += step(idx) * idx.shape[1]
+        losses.append([t / n for t in total.tolist()])
         if epoch in save_epochs:
-            saved.append(flatten_params(student))
-    return Trajectory(torch.stack(saved).cpu(), tuple(save_epochs), torch.tensor(losses))
+            saved.append(snapshot())
+    params = torch.stack(saved, dim=1).cpu()  # (E, S, P)
+    loss = torch.tensor(losses).T  # (E, epochs)
+    return [Trajectory(params[k].clone(), tuple(save_epochs), loss[k].clone()) for k in range(len(gens))]
+
+
+def _new_expert(config: Config, data: ImageData, out_dim: int, k: int,
+                device: torch.device) -> tuple[nn.Module, torch.Generator]:
+    """Expert k's fresh student and its batch-order generator, both seeded from ``k``."""
+    with seeded(derive_seed(config.seed, "expert-init", k)):
+        student = build_student(config.experts.student, data, out_dim).to(device)
+    return student, generator(derive_seed(config.seed, "expert-batches", k), device)
 
 
 def expert_path(run: RunDir, k: int) -> Path:
@@ -125,22 +204,23 @@ def run(config: Config, out: str | Path, *, force: bool = False,
     inputs = data.normalize(data.train_images.to(device))
     e, fp, save_epochs = config.experts, fingerprint(spec), config.expert_save_epochs()
     rank, world = rank_and_world()
+    parallel = e.parallel or AUTO_PARALLEL.get(device.type, 1)
+    todo = [k for k in range(rank, e.num_experts, world) if not _is_current(expert_path(run_dir, k), fp)]
     start = time.perf_counter()
-    trained = []
-    for k in progress(range(rank, e.num_experts, world), desc="experts", unit="expert"):
-        path = expert_path(run_dir, k)
-        if _is_current(path, fp):
-            continue
+    seconds = 0.0
+    groups = [todo[i:i + parallel] for i in range(0, len(todo), parallel)]
+    for group in progress(groups, desc="experts", unit="group"):
         t0 = time.perf_counter()
-        with seeded(derive_seed(config.seed, "expert-init", k)):
-            student = build_student(e.student, data, z.shape[1]).to(device)
-        gen = generator(derive_seed(config.seed, "expert-batches", k), device)
-        traj = train_expert(student, inputs, z, e, save_epochs, gen, desc=f"expert {k}")
-        save_tensors(path, {"params": traj.params, "epochs": torch.tensor(traj.epochs),
-                            "loss": traj.loss},
-                     {"fingerprint": fp, "index": k, "arch": dataclasses.asdict(e.student),
-                      "final_loss": traj.loss[-1].item()})
-        trained.append(time.perf_counter() - t0)
+        students, gens = zip(*(_new_expert(config, data, z.shape[1], k, device) for k in group),
+                             strict=True)
+        desc = ("expert " if len(group) == 1 else "experts ") + ", ".join(map(str, group))
+        trajectories = train_experts(students, inputs, z, e, save_epochs, gens, desc)
+        for k, traj in zip(group, trajectories, strict=True):
+            save_tensors(expert_path(run_dir, k),
+                         {"params": traj.params, "epochs": torch.tensor(traj.epochs), "loss": traj.loss},
+                         {"fingerprint": fp, "index": k, "arch": dataclasses.asdict(e.student),
+                          "final_loss": traj.loss[-1].item()})
+        seconds += time.perf_counter() - t0
     paths = [expert_path(run_dir, k) for k in range(e.num_experts)]
     if rank != 0 or not all(_is_current(p, fp) for p in paths):
         return {}
@@ -149,10 +229,11 @@ def run(config: Config, out: str | Path, *, force: bool = False,
     result = {
         "num_experts": e.num_experts, "save_epochs": save_epochs,
         "mb_per_expert": sum(sizes) / len(sizes) / 2**20, "mb_total": sum(sizes) / 2**20,
-        "seconds_per_epoch": sum(trained) / len(trained) / e.epochs if trained else None,
+        "parallel": parallel,
+        "seconds_per_epoch": seconds / len(todo) / e.epochs if todo else None,  # per expert
         "final_loss_mean": sum(final_loss) / len(final_loss),
     }
     print(f"experts: {e.num_experts} x {result['mb_per_expert']:.2f} MB on disk, final KD loss "
           f"{result['final_loss_mean']:.4g}" + (f", {result['seconds_per_epoch']:.2f} s/epoch"
-                                                if trained else ""))
+                                                f" per expert, {parallel} at once" if todo else ""))
     return run_dir.finish(STAGE, spec, time.perf_counter() - start, result)

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import torch
@@ -23,6 +24,39 @@ def resolve_device(name: str) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"device={name} but CUDA is not available here; use device=cpu")
     return device
+
+
+@dataclass(frozen=True)
+class FastPath:
+    """Optional speed-ups of the networks' forward passes (``precision``, ``channels_last``,
+    ``compile`` in the config); every stage keeps weights, optimizer states, losses and parameter
+    updates in float32 whatever is chosen here."""
+
+    device: torch.device
+    precision: str = "fp32"
+    channels_last: bool = False
+    compile: bool = False
+
+    def autocast(self) -> AbstractContextManager[Any]:
+        """bfloat16 autocast when ``precision == "bf16"``, otherwise a no-op context."""
+        if self.precision == "bf16":
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        return nullcontext()
+
+    def images(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` in channels_last layout when enabled (same values)."""
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last and x.dim() == 4 else x
+
+    def module(self, model: torch.nn.Module) -> torch.nn.Module:
+        """``model`` in channels_last layout and, when enabled, a compiled callable sharing its
+        parameters (save and flatten the original module, call the returned one)."""
+        if self.channels_last:
+            model.to(memory_format=torch.channels_last)
+        return torch.compile(model) if self.compile else model
+
+
+def fast_path(config: Any, device: torch.device) -> FastPath:
+    return FastPath(device, config.precision, config.channels_last, config.compile)
 
 
 @contextmanager

@@ -22,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -78,6 +79,23 @@ def cosine_with_warmup(step: int, total: int, warmup: int) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * min(1.0, t)))
 
 
+def epoch_views(images: torch.Tensor, augment: SSLAugment, method: str, batch_size: int,
+                gen: torch.Generator) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """One epoch of (view 1, view 2) training batches of uint8 ``images`` (B, C, H, W).
+
+    Index batches of a permutation drawn from ``gen`` (on the images' device; the last partial
+    batch is dropped), each augmented as a batch: the asymmetric pair for barlow_twins, two draws of
+    view 1 otherwise.
+    """
+    perm = torch.randperm(len(images), generator=gen, device=images.device)
+    for i in range(len(images) // batch_size):
+        batch = images[perm[i * batch_size:(i + 1) * batch_size]]
+        if method == "barlow_twins":
+            yield augment.two_views(batch, gen)
+        else:
+            yield augment(batch, gen), augment(batch, gen)
+
+
 def train_teacher(config: Config, data: ImageData, device: torch.device,
                   checkpoint_path: Path | None = None) -> tuple[nn.Module, list[float]]:
     """Train the SSL teacher; resume from ``checkpoint_path`` if it holds a compatible state.
@@ -124,14 +142,8 @@ def train_teacher(config: Config, data: ImageData, device: torch.device,
     for epoch in bar:
         encoder.train()
         projector.train()
-        perm = torch.randperm(n, generator=gen, device=device)
         total_loss = torch.zeros((), device=device)
-        for i in range(steps_per_epoch):
-            idx = perm[i * t.batch_size:(i + 1) * t.batch_size]
-            if t.method == "barlow_twins":
-                view1, view2 = augment.two_views(images[idx], gen)
-            else:
-                view1, view2 = augment(images[idx], gen), augment(images[idx], gen)
+        for view1, view2 in epoch_views(images, augment, t.method, t.batch_size, gen):
             loss = loss_fn(projector(encoder.features(view1)), projector(encoder.features(view2)))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -191,12 +203,15 @@ def load_teacher_checkpoint(path: Path, model: ModelConfig, data: ImageData) -> 
 @torch.no_grad()
 def encode(encoder: nn.Module, images: torch.Tensor, data: ImageData, batch_size: int,
            device: torch.device, desc: str | None = None) -> torch.Tensor:
-    """``encoder.features`` of uint8 images in eval mode, normalised like ``data``: (N, D) float32 CPU."""
+    """``encoder.features`` of uint8 images in eval mode, normalised like ``data``: (N, D) float32 CPU.
+
+    The uint8 images move to ``device`` once; batches are slices of that device-resident tensor."""
     encoder.eval()
+    images = images.to(device)
     chunks = range(0, len(images), batch_size)
-    out = [encoder.features(data.normalize(images[i:i + batch_size].to(device))).float().cpu()
+    out = [encoder.features(data.normalize(images[i:i + batch_size])).float()
            for i in progress(chunks, desc=desc, leave=False, disable=desc is None)]
-    return torch.cat(out)
+    return torch.cat(out).cpu()
 
 
 def probe_accuracy(encoder: nn.Module, data: ImageData, device: torch.device,

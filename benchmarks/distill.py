@@ -1,0 +1,144 @@
+"""Distillation iteration time and peak memory vs N, for the unrolled and recompute backends.
+
+Each (backend, N) runs in a fresh process: it builds a ConvNet student, a random synthetic set and
+random expert segments, runs one warm-up iteration and ``--iterations`` timed ones of
+:class:`mkdt.distill.Distiller` (the product code path), and reports
+
+- ``seconds_per_iteration``: mean wall time of the timed iterations;
+- ``peak_memory_mb``: the peak added by the iterations: on CPU the peak RSS (VmHWM, reset just
+  before the first iteration) minus the RSS at that moment; on CUDA max allocated minus allocated.
+
+Usage::
+
+    python benchmarks/distill.py --quick --json distill.json   # width 32, batch 64, N = 5..40, < 3 min
+    python benchmarks/distill.py --width 128 --batch-syn 256 --steps 5 10   # the paper's size
+    python benchmarks/distill.py --device cuda --width 128 --batch-syn 256 --steps 5 10 20 40
+
+``unrolled`` is skipped where its estimated graph (mkdt.distill.unrolled_graph_bytes) would exceed
+``--max-unrolled-gb``; ``recompute`` always runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import hardware, peak_memory, print_table, write_json  # noqa: E402
+
+from mkdt.config import DistillConfig  # noqa: E402
+from mkdt.distill import Distiller, unrolled_graph_bytes  # noqa: E402
+from mkdt.experts import Trajectory  # noqa: E402
+from mkdt.models import ConvNet, flatten_params  # noqa: E402
+
+
+def build(args: argparse.Namespace, backend: str, steps: int) -> Distiller:
+    """A Distiller over random data: 2 experts whose epochs 0..3 are random walks from the init."""
+    device = torch.device(args.device)
+    gen = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)
+    student = ConvNet(3, 32, args.width, 3, 512).to(device)
+    theta = flatten_params(student).cpu()
+    trajectories = []
+    for _ in range(2):
+        walk = [theta]
+        for _ in range(3):
+            walk.append(walk[-1] + 0.01 * torch.randn(theta.shape, generator=gen))
+        trajectories.append(Trajectory(torch.stack(walk), (0, 1, 2, 3), torch.zeros(3)))
+    recipe = DistillConfig(images=args.images, syn_steps=steps, batch_syn=args.batch_syn,
+                           trajectories=args.trajectories, backend=backend, iterations=1)
+    images = torch.randn(args.images, 3, 32, 32, generator=gen).to(device)
+    targets = torch.randn(args.images, 512, generator=gen).to(device)
+    return Distiller(student, images, targets, trajectories, recipe,
+                     torch.Generator(device=device).manual_seed(0), backend)
+
+
+def child(args: argparse.Namespace) -> dict:
+    """Measure one configuration in this (fresh) process."""
+    distiller = build(args, args.backend, args.child_steps)
+    with peak_memory(torch.device(args.device)) as peak:
+        distiller.step()  # warm-up: allocator, thread pools
+        if args.device.startswith("cuda"):
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        for _ in range(args.iterations):
+            distiller.step()
+        if args.device.startswith("cuda"):
+            torch.cuda.synchronize()
+        seconds = (time.perf_counter() - start) / args.iterations
+    return {"backend": args.backend, "syn_steps": args.child_steps, "batch_syn": args.batch_syn,
+            "width": args.width, "trajectories": args.trajectories,
+            "seconds_per_iteration": seconds, "peak_memory_mb": peak.mb, "device": hardware(args.device)}
+
+
+def estimated_graph_gb(args: argparse.Namespace, steps: int) -> float:
+    recipe = DistillConfig(images=args.images, syn_steps=steps, batch_syn=args.batch_syn,
+                           trajectories=args.trajectories)
+    return unrolled_graph_bytes(recipe, ConvNet(3, 32, args.width, 3, 512), torch.Size((3, 32, 32))) / 2**30
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true",
+                        help="width 32, batch_syn 64, 256 images, N = 5 10 20 40, 2 timed iterations")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--width", type=int, default=128, help="ConvNetD3 width")
+    parser.add_argument("--batch-syn", type=int, default=256, help="synthetic images per inner step")
+    parser.add_argument("--images", type=int, default=1000, help="synthetic set size")
+    parser.add_argument("--trajectories", type=int, default=1, help="segments per iteration (B)")
+    parser.add_argument("--steps", type=int, nargs="+", default=[5, 10, 20, 40], help="values of N")
+    parser.add_argument("--backends", nargs="+", default=["unrolled", "recompute"])
+    parser.add_argument("--iterations", type=int, default=3, help="timed iterations after 1 warm-up")
+    parser.add_argument("--max-unrolled-gb", type=float, default=None,
+                        help="skip unrolled above this estimated graph size "
+                             "(default: 60%% of RAM or GPU memory)")
+    parser.add_argument("--json", type=Path, help="also write the records to this JSON file")
+    parser.add_argument("--backend", help=argparse.SUPPRESS)
+    parser.add_argument("--child-steps", type=int, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.quick:
+        args.width, args.batch_syn, args.images, args.iterations = 32, 64, 256, 2
+        args.steps = [5, 10, 20, 40]
+    if args.child_steps is not None:
+        print(json.dumps(child(args)))
+        return
+    if args.max_unrolled_gb is None:
+        total = (torch.cuda.get_device_properties(args.device).total_memory if args.device.startswith("cuda")
+                 else os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+        args.max_unrolled_gb = 0.6 * total / 2**30
+    records = []
+    for steps in args.steps:
+        for backend in args.backends:
+            if backend == "unrolled" and estimated_graph_gb(args, steps) > args.max_unrolled_gb:
+                print(f"skip unrolled N={steps}: estimated graph {estimated_graph_gb(args, steps):.1f} GB "
+                      f"> {args.max_unrolled_gb:.1f} GB", file=sys.stderr)
+                continue
+            cmd = [sys.executable, __file__, "--backend", backend, "--child-steps", str(steps),
+                   "--device", args.device, "--width", str(args.width), "--batch-syn", str(args.batch_syn),
+                   "--images", str(args.images), "--trajectories", str(args.trajectories),
+                   "--iterations", str(args.iterations)]
+            out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+            records.append(json.loads(out.strip().splitlines()[-1]))
+            print(f"  {backend:9s} N={steps:3d}: {records[-1]['seconds_per_iteration']:.3f} s/it, "
+                  f"{records[-1]['peak_memory_mb']:.0f} MB", file=sys.stderr)
+    reference = {r["syn_steps"]: r for r in records if r["backend"] == "unrolled"}
+    for r in records:
+        ref = reference.get(r["syn_steps"])
+        r["time_vs_unrolled"] = r["seconds_per_iteration"] / ref["seconds_per_iteration"] if ref else None
+        r["memory_vs_unrolled"] = r["peak_memory_mb"] / ref["peak_memory_mb"] if ref else None
+    print_table(records, ["backend", "syn_steps", "batch_syn", "width", "seconds_per_iteration",
+                          "time_vs_unrolled", "peak_memory_mb", "memory_vs_unrolled"])
+    print(f"device: {records[0]['device']}; torch {torch.__version__}")
+    if args.json:
+        write_json(args.json, records)
+
+
+if __name__ == "__main__":
+    main()
