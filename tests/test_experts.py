@@ -9,7 +9,7 @@ from mkdt.artifacts import RunDir, derive_seed
 from mkdt.config import ExpertsConfig
 from mkdt.errors import ArtifactError, ConfigError
 from mkdt.models import ConvNet, flatten_params, unflatten_params
-from mkdt.runtime import load_real, seeded
+from mkdt.runtime import FastPath, load_real, seeded
 from tests.helpers import tiny_config
 
 
@@ -171,3 +171,39 @@ def test_stage_without_its_prerequisite_says_what_to_run(tmp_path):
     config = tiny_config(tmp_path / "cache")
     with pytest.raises(ArtifactError, match="run `mkdt teacher` first"):
         targets.run(config, tmp_path / "empty")
+
+
+def _fast_path_run(fast, batched):
+    gen = torch.Generator().manual_seed(0)
+    x, z = torch.randn(40, 3, 8, 8, generator=gen), torch.randn(40, 6, generator=gen)
+    students = []
+    for k in range(2):
+        torch.manual_seed(k)
+        students.append(ConvNet(3, 8, width=8, depth=2, out_dim=6))
+    recipe = ExpertsConfig(epochs=2, batch_size=16, lr=0.05)
+    gens = [torch.Generator().manual_seed(k) for k in range(2)]
+    if batched:
+        return experts.train_experts(students, x, z, recipe, [0, 1, 2], gens, fast=fast)
+    return [experts.train_expert(s, x, z, recipe, [0, 1, 2], g, fast=fast)
+            for s, g in zip(students, gens, strict=True)]
+
+
+@pytest.mark.parametrize("batched", [False, True])
+def test_fast_path_agrees_with_fp32(batched):
+    cpu = torch.device("cpu")
+    ref = _fast_path_run(None, batched)
+    layout = _fast_path_run(FastPath(cpu, channels_last=True), batched)
+    bf16 = _fast_path_run(FastPath(cpu, precision="bf16", channels_last=True), batched)
+    for r, a, b in zip(ref, layout, bf16, strict=True):
+        moved = (r.params[-1] - r.params[0]).norm()
+        assert (a.params - r.params).norm() < 1e-3 * moved  # same math, another summation order
+        assert (b.params[-1] - r.params[-1]).norm() < 0.05 * moved  # bf16 forward, fp32 weights
+        assert torch.allclose(b.loss, r.loss, rtol=0.02)
+
+
+def test_compiled_student_trains_like_eager():
+    cpu = torch.device("cpu")
+    ref = _fast_path_run(None, False)
+    compiled = _fast_path_run(FastPath(cpu, compile=True), False)
+    for r, c in zip(ref, compiled, strict=True):
+        assert (c.params - r.params).norm() < 1e-3 * (r.params[-1] - r.params[0]).norm()

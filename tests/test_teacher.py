@@ -89,3 +89,18 @@ def test_convnet_teacher_trains_and_encodes(tmp_path):
     assert record["result"]["probe_accuracy"] > 0.1
     _, meta = load_tensors(tmp_path / "run/teacher/encoder.safetensors")
     assert meta["feature_dim"] == 8 * 2 * 2
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs CUDA"))])
+def test_fast_path_teacher_agrees_with_fp32(tmp_path, device):
+    """bf16 autocast (and channels_last on CUDA) give a close loss curve; weights stay fp32."""
+    base = [f"device={device}", "teacher.probe=false", "teacher.epochs=1", "teacher.warmup_epochs=0"]
+    runs = {}
+    for name, extra in (("fp32", []), ("fast", ["channels_last=true", "precision=bf16"])):
+        config = tiny_config(tmp_path / "cache", *base, *extra)
+        runs[name] = teacher.run(config, tmp_path / name)["result"]["loss_history"]
+    assert runs["fast"] == pytest.approx(runs["fp32"], rel=0.05)
+    assert runs["fast"] != runs["fp32"]  # autocast really ran in bfloat16
+    encoder, _ = load_tensors(tmp_path / "fast/teacher/encoder.safetensors")
+    assert all(t.dtype == torch.float32 for t in encoder.values() if t.is_floating_point())

@@ -151,7 +151,8 @@ class Config:
                                  "(teacher training, experts, distillation's inner steps, evaluation "
                                  "pre-training; on GPUs); weights, optimizer states, targets, losses "
                                  "and the matching loss stay float32")
-    channels_last: bool = opt(False, "channels_last memory layout for convolutions (faster on GPUs)")
+    channels_last: bool = opt(False, "channels_last memory layout for convolutions (CUDA only; "
+                                     "ignored on CPU)")
     compile: bool = opt(False, "torch.compile the teacher and the students in module-based training "
                                "(teacher, experts, evaluation); the first epoch pays the compile time")
     data: DataConfig = opt(DataConfig(), "real data")

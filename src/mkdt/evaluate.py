@@ -46,7 +46,7 @@ from mkdt.distill import SyntheticSet
 from mkdt.errors import ConfigError
 from mkdt.experts import build_student, train_expert
 from mkdt.probe import linear_probe
-from mkdt.runtime import generator, load_real, progress, resolve_device, seeded
+from mkdt.runtime import fast_path, generator, load_real, progress, resolve_device, seeded
 from mkdt.teacher import encode
 
 STAGE = "evaluate"
@@ -111,7 +111,8 @@ def pretrain(config: Config, method: str, seed: int, pset: SyntheticSet | None, 
                            weight_decay=v.weight_decay, batch_size=v.batch_size)
     gen = generator(derive_seed(config.seed, STAGE, method, seed, "batches"), device)
     trajectory = train_expert(student, pset.images.to(device), pset.targets.to(device), recipe,
-                              [v.epochs], gen, desc=f"pre-train {method} (seed {seed})")
+                              [v.epochs], gen, desc=f"pre-train {method} (seed {seed})",
+                              fast=fast_path(config, device))
     return student, trajectory.loss.tolist()
 
 

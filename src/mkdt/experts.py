@@ -39,7 +39,16 @@ from mkdt.config import Config, ExpertsConfig, ModelConfig
 from mkdt.data import ImageData
 from mkdt.errors import ArtifactError
 from mkdt.models import build_model, flatten_params
-from mkdt.runtime import generator, load_real, progress, rank_and_world, resolve_device, seeded
+from mkdt.runtime import (
+    FastPath,
+    fast_path,
+    generator,
+    load_real,
+    progress,
+    rank_and_world,
+    resolve_device,
+    seeded,
+)
 
 STAGE = "experts"
 _NOT_DEFINING = ("parallel",)
@@ -76,14 +85,22 @@ def build_student(model: ModelConfig, data: ImageData, out_dim: int) -> nn.Modul
 
 def train_expert(student: nn.Module, inputs: torch.Tensor, targets: torch.Tensor,
                  recipe: ExpertsConfig, save_epochs: list[int], gen: torch.Generator,
-                 desc: str | None = None) -> Trajectory:
-    """Train ``student`` in place on normalised ``inputs`` (N, C, H, W) -> ``targets`` (N, D)."""
+                 desc: str | None = None, fast: FastPath | None = None) -> Trajectory:
+    """Train ``student`` in place on normalised ``inputs`` (N, C, H, W) -> ``targets`` (N, D).
+
+    ``fast`` (optional) runs the forward pass under its autocast / layout / compile settings; the
+    loss, gradients and SGD state stay float32."""
+    fast = fast or FastPath(inputs.device)
     optimizer = torch.optim.SGD(student.parameters(), lr=recipe.lr, momentum=recipe.momentum,
                                 weight_decay=recipe.weight_decay)
     student.train()
+    forward = fast.compiled(fast.prepare(student))
+    inputs = fast.images(inputs)
 
     def step(idx: torch.Tensor) -> torch.Tensor:
-        loss = F.mse_loss(student(inputs[idx[0]]), targets[idx[0]])
+        with fast.autocast():
+            out = forward(inputs[idx[0]])
+        loss = F.mse_loss(out.float(), targets[idx[0]])
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -94,16 +111,18 @@ def train_expert(student: nn.Module, inputs: torch.Tensor, targets: torch.Tensor
 
 def train_experts(students: Sequence[nn.Module], inputs: torch.Tensor, targets: torch.Tensor,
                   recipe: ExpertsConfig, save_epochs: list[int], gens: Sequence[torch.Generator],
-                  desc: str | None = None) -> list[Trajectory]:
+                  desc: str | None = None, fast: FastPath | None = None) -> list[Trajectory]:
     """Train same-architecture ``students`` at once, student k drawing its batches from ``gens[k]``.
 
     Equals ``[train_expert(s, ..., g) for s, g in zip(students, gens)]`` within float tolerance
-    (bitwise for one student); the students are updated in place.
+    (bitwise for one student); the students are updated in place. ``fast``: autocast and layout
+    as in :func:`train_expert` (``compile`` applies to one student at a time only).
     """
+    fast = fast or FastPath(inputs.device)
     if len(students) != len(gens):
         raise ValueError(f"got {len(students)} students but {len(gens)} generators")
     if len(students) == 1:
-        return [train_expert(students[0], inputs, targets, recipe, save_epochs, gens[0], desc)]
+        return [train_expert(students[0], inputs, targets, recipe, save_epochs, gens[0], desc, fast)]
     for student in students:
         student.train()
     params, buffers = torch.func.stack_module_state(list(students))  # (E, ...) copies, trained here
@@ -113,9 +132,13 @@ def train_experts(students: Sequence[nn.Module], inputs: torch.Tensor, targets: 
 
     def kd_loss(p: dict[str, torch.Tensor], b: dict[str, torch.Tensor], x: torch.Tensor,
                 y: torch.Tensor) -> torch.Tensor:
-        return F.mse_loss(torch.func.functional_call(template, (p, b), (x,)), y)
+        with fast.autocast():
+            out = torch.func.functional_call(template, (p, b), (x,))
+        return F.mse_loss(out.float(), y)
 
     losses_of = torch.func.vmap(kd_loss)
+
+    inputs = fast.images(inputs)
 
     def step(idx: torch.Tensor) -> torch.Tensor:
         losses = losses_of(params, buffers, inputs[idx], targets[idx])
@@ -205,6 +228,7 @@ def run(config: Config, out: str | Path, *, force: bool = False,
     e, fp, save_epochs = config.experts, fingerprint(spec), config.expert_save_epochs()
     rank, world = rank_and_world()
     parallel = e.parallel or AUTO_PARALLEL.get(device.type, 1)
+    fast = fast_path(config, device)
     todo = [k for k in range(rank, e.num_experts, world) if not _is_current(expert_path(run_dir, k), fp)]
     start = time.perf_counter()
     seconds = 0.0
@@ -214,7 +238,7 @@ def run(config: Config, out: str | Path, *, force: bool = False,
         students, gens = zip(*(_new_expert(config, data, z.shape[1], k, device) for k in group),
                              strict=True)
         desc = ("expert " if len(group) == 1 else "experts ") + ", ".join(map(str, group))
-        trajectories = train_experts(students, inputs, z, e, save_epochs, gens, desc)
+        trajectories = train_experts(students, inputs, z, e, save_epochs, gens, desc, fast)
         for k, traj in zip(group, trajectories, strict=True):
             save_tensors(expert_path(run_dir, k),
                          {"params": traj.params, "epochs": torch.tensor(traj.epochs), "loss": traj.loss},

@@ -45,7 +45,7 @@ from mkdt.data import ImageData
 from mkdt.errors import ArtifactError, ConfigError
 from mkdt.models import build_model
 from mkdt.probe import linear_probe
-from mkdt.runtime import data_identity, generator, load_real, progress, resolve_device, seeded
+from mkdt.runtime import data_identity, fast_path, generator, load_real, progress, resolve_device, seeded
 from mkdt.ssl import BarlowTwinsLoss, NTXentLoss, barlow_twins_projector, simclr_projector
 
 STAGE = "teacher"
@@ -115,6 +115,8 @@ def train_teacher(config: Config, data: ImageData, device: torch.device,
             projector = simclr_projector(encoder.feature_dim, t.projector_dim, t.simclr_out_dim)
             loss_fn = NTXentLoss(temperature=t.temperature)
     projector = projector.to(device)
+    fast = fast_path(config, device)
+    features = fast.compiled(fast.prepare(encoder).features)
     params = [*encoder.parameters(), *projector.parameters()]
     optimizer = torch.optim.Adam(params, lr=t.lr * t.batch_size / 256, weight_decay=t.weight_decay)
     steps_per_epoch = n // t.batch_size
@@ -144,7 +146,9 @@ def train_teacher(config: Config, data: ImageData, device: torch.device,
         projector.train()
         total_loss = torch.zeros((), device=device)
         for view1, view2 in epoch_views(images, augment, t.method, t.batch_size, gen):
-            loss = loss_fn(projector(encoder.features(view1)), projector(encoder.features(view2)))
+            with fast.autocast():
+                p1, p2 = projector(features(fast.images(view1))), projector(features(fast.images(view2)))
+            loss = loss_fn(p1.float(), p2.float())
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
