@@ -41,3 +41,14 @@ def test_run_writes_manifest_and_resumes(tmp_path, capsys):
     assert again["stages"]["experts"]["finished"] == finished
     assert main(["presets"]) == 0 and "demo" in capsys.readouterr().out
     assert main(["datasets"]) == 0 and "tinyimagenet" in capsys.readouterr().out
+
+
+def test_overrides_may_surround_options(capsys, tmp_path):
+    file = tmp_path / "extra.yaml"
+    file.write_text("experts: {lr: 0.05}\n")
+    args = ["config", "seed=3", "--preset", "demo", "experts.epochs=7", "--config", str(file), "device=cpu"]
+    assert main(args) == 0
+    text = capsys.readouterr().out
+    assert "seed: 3" in text and "epochs: 7" in text and "lr: 0.05" in text and "device: cpu" in text
+    with pytest.raises(SystemExit):
+        main(["config", "--no-such-flag"])
