@@ -156,21 +156,23 @@ def recompute_matching_grads(student: nn.Module, start: torch.Tensor, target: to
     start, target, batches = _as_segments(start, target, batches)
     alpha = lr.detach()
     images_d, targets_d = images.detach(), targets.detach()
-    thetas = [start.detach()]
-    for idx in batches:
-        theta = thetas[-1].requires_grad_(True)
+    thetas = start.new_empty((len(batches) + 1, *start.shape))  # one buffer: no fragmentation
+    thetas[0] = start.detach()
+    for n, idx in enumerate(batches):
+        theta = thetas[n].detach().requires_grad_(True)
         with torch.enable_grad(), autocast():
             grad = _segment_grads(student, theta, images_d[idx], targets_d[idx], create_graph=False)
-        thetas.append(thetas[-1].detach() - alpha * grad)
-    theta_n = thetas.pop()
+        torch.sub(thetas[n], alpha * grad, out=thetas[n + 1])
+        del grad
+    theta_n = thetas[-1]
     with torch.no_grad():
         loss = _normalised_distance(theta_n, start, target)
         lam = 2 * (theta_n - target) / (start - target).pow(2).sum(1, keepdim=True) / len(start)
     grad_images = torch.zeros_like(images_d)
     grad_targets = torch.zeros_like(targets_d) if learn_targets else None
     grad_lr = torch.zeros((), dtype=lr.dtype, device=lr.device)
-    for idx, theta in zip(reversed(batches), reversed(thetas), strict=True):
-        theta = theta.detach().requires_grad_(True)
+    for n in reversed(range(len(batches))):  # (reversed() of a tensor would copy it)
+        idx, theta = batches[n], thetas[n].detach().requires_grad_(True)
         x = images_d[idx].requires_grad_(True)
         z = targets_d[idx].requires_grad_(learn_targets)
         with torch.enable_grad():
@@ -184,6 +186,7 @@ def recompute_matching_grads(student: nn.Module, start: torch.Tensor, target: to
         if grad_targets is not None:
             grad_targets.index_add_(0, flat, products[2].reshape(-1, targets_d.shape[1]), alpha=-alpha)
         lam = lam - alpha * products[0]
+        del grad, products  # free this step's graph before the next one is built
     return MatchingGrads(loss, grad_images, grad_targets, grad_lr)
 
 
