@@ -182,9 +182,9 @@ def recompute_matching_grads(student: nn.Module, start: torch.Tensor, target: to
             products = torch.autograd.grad(grad, inputs, grad_outputs=lam)
         grad_lr -= (lam * grad.detach()).sum()
         flat = idx.reshape(-1)
-        grad_images.index_add_(0, flat, products[1].reshape(-1, *images_d.shape[1:]), alpha=-alpha)
+        grad_images.index_add_(0, flat, -alpha * products[1].reshape(-1, *images_d.shape[1:]))
         if grad_targets is not None:
-            grad_targets.index_add_(0, flat, products[2].reshape(-1, targets_d.shape[1]), alpha=-alpha)
+            grad_targets.index_add_(0, flat, -alpha * products[2].reshape(-1, targets_d.shape[1]))
         lam = lam - alpha * products[0]
         del grad, products  # free this step's graph before the next one is built
     return MatchingGrads(loss, grad_images, grad_targets, grad_lr)
