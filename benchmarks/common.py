@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import os
 import platform
+import subprocess
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -67,6 +69,25 @@ def peak_memory(device: torch.device) -> Iterator[Peak]:
     after = _status_kb("VmHWM")
     if before is not None and after is not None:
         peak.mb = (after - before) / 1024
+
+
+def run_child(script: str, options: dict[str, Any]) -> dict[str, Any]:
+    """Run ``script`` in a fresh Python process with ``--key value`` options (underscores become
+    dashes) and return the JSON record it prints on its last stdout line."""
+    cmd = [sys.executable, script]
+    for key, value in options.items():
+        cmd += [f"--{key.replace('_', '-')}", str(value)]
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def add_ratio_to_best_dataloader(records: list[dict[str, Any]]) -> None:
+    """Set ``vs_best_dataloader`` = images_per_second / the best dataloader rate of the same stage."""
+    for stage in {r["stage"] for r in records}:
+        rows = [r for r in records if r["stage"] == stage]
+        best = max(r["images_per_second"] for r in rows if r["pipeline"] == "dataloader")
+        for r in rows:
+            r["vs_best_dataloader"] = r["images_per_second"] / best
 
 
 def _cell(value: Any) -> str:

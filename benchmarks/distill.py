@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -31,7 +30,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import hardware, peak_memory, print_table, write_json  # noqa: E402
+from common import hardware, peak_memory, print_table, run_child, write_json  # noqa: E402
 
 from mkdt.config import DistillConfig  # noqa: E402
 from mkdt.distill import Distiller, unrolled_graph_bytes  # noqa: E402
@@ -116,16 +115,15 @@ def main() -> None:
     records = []
     for steps in args.steps:
         for backend in args.backends:
-            if backend == "unrolled" and estimated_graph_gb(args, steps) > args.max_unrolled_gb:
-                print(f"skip unrolled N={steps}: estimated graph {estimated_graph_gb(args, steps):.1f} GB "
+            graph_gb = estimated_graph_gb(args, steps)
+            if backend == "unrolled" and graph_gb > args.max_unrolled_gb:
+                print(f"skip unrolled N={steps}: estimated graph {graph_gb:.1f} GB "
                       f"> {args.max_unrolled_gb:.1f} GB", file=sys.stderr)
                 continue
-            cmd = [sys.executable, __file__, "--backend", backend, "--child-steps", str(steps),
-                   "--device", args.device, "--width", str(args.width), "--batch-syn", str(args.batch_syn),
-                   "--images", str(args.images), "--trajectories", str(args.trajectories),
-                   "--iterations", str(args.iterations)]
-            out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
-            records.append(json.loads(out.strip().splitlines()[-1]))
+            records.append(run_child(__file__, {
+                "backend": backend, "child_steps": steps, "device": args.device, "width": args.width,
+                "batch_syn": args.batch_syn, "images": args.images, "trajectories": args.trajectories,
+                "iterations": args.iterations}))
             print(f"  {backend:9s} N={steps:3d}: {records[-1]['seconds_per_iteration']:.3f} s/it, "
                   f"{records[-1]['peak_memory_mb']:.0f} MB", file=sys.stderr)
     reference = {r["syn_steps"]: r for r in records if r["backend"] == "unrolled"}

@@ -42,7 +42,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import threading
 import time
@@ -55,7 +54,14 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import hardware, peak_memory, print_table, write_json  # noqa: E402
+from common import (  # noqa: E402
+    add_ratio_to_best_dataloader,
+    hardware,
+    peak_memory,
+    print_table,
+    run_child,
+    write_json,
+)
 
 from mkdt.augment import SSLAugment  # noqa: E402
 from mkdt.config import ModelConfig, TeacherConfig  # noqa: E402
@@ -264,19 +270,13 @@ def main() -> None:
     for stage in args.stages:
         configs = [("mkdt", 0)] + [("dataloader", w) for w in args.workers]
         for pipeline, workers in configs:
-            cmd = [sys.executable, __file__, "--stage", stage, "--pipeline", pipeline,
-                   "--child-workers", str(workers), "--device", args.device, "--batch", str(args.batch),
-                   "--batches", str(args.batches), "--train-batches", str(args.train_batches),
-                   "--width", str(args.width)]
-            out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
-            records.append(json.loads(out.strip().splitlines()[-1]))
+            records.append(run_child(__file__, {
+                "stage": stage, "pipeline": pipeline, "child_workers": workers, "device": args.device,
+                "batch": args.batch, "batches": args.batches, "train_batches": args.train_batches,
+                "width": args.width}))
             print(f"  {stage:10s} {pipeline:10s} workers={workers}: "
                   f"{records[-1]['images_per_second']:.0f} images/s", file=sys.stderr)
-    for stage in args.stages:
-        rows = [r for r in records if r["stage"] == stage]
-        best = max(r["images_per_second"] for r in rows if r["pipeline"] == "dataloader")
-        for r in rows:
-            r["vs_best_dataloader"] = r["images_per_second"] / best
+    add_ratio_to_best_dataloader(records)
     print_table(records, ["stage", "pipeline", "workers", "width", "images_per_second",
                           "vs_best_dataloader", "peak_memory_mb", "workers_private_mb"])
     print(f"batch {args.batch}, 3x32x32; device: {records[0]['device']}; torch {torch.__version__}")
