@@ -87,13 +87,21 @@ def test_experts_of_another_config_are_refused(run_a):
         experts.load_expert(run, other, 0)
 
 
-def test_batched_experts_equal_one_at_a_time():
+def _mlp() -> torch.nn.Module:
+    return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 10), torch.nn.Tanh(),
+                               torch.nn.Linear(10, 6))
+
+
+# ConvNets run as one grouped network; any other student goes through vmap
+@pytest.mark.parametrize("make", [lambda: ConvNet(1, 8, width=4, depth=2, out_dim=6), _mlp],
+                         ids=["convnet", "vmap"])
+def test_batched_experts_equal_one_at_a_time(make):
     x = torch.randn(50, 1, 8, 8, dtype=torch.float64)
     z = torch.randn(50, 6, dtype=torch.float64)
     recipe = ExpertsConfig(epochs=3, batch_size=16)   # 16 does not divide 50: a last batch of 2
 
     def students():
-        return [ConvNet(1, 8, width=4, depth=2, out_dim=6).double() for _ in range(3)]
+        return [make().double() for _ in range(3)]
 
     def gens():
         return [torch.Generator().manual_seed(10 + k) for k in range(3)]

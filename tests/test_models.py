@@ -8,6 +8,7 @@ from mkdt.models import (
     ConvNet,
     ResNet,
     build_model,
+    convnet_ensemble,
     flatten_params,
     num_params,
     resnet10,
@@ -117,3 +118,21 @@ def test_unflatten_is_differentiable_wrt_flat():
     assert flat.grad is not None and flat.grad.abs().sum() > 0
     with pytest.raises(ValueError, match="elements"):
         unflatten_params(net, flat[:-1])
+
+
+@pytest.mark.parametrize("out_dim", [5, None])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_convnet_ensemble_equals_separate_forwards(out_dim, channels_last):
+    nets = [ConvNet(2, 16, width=6, depth=3, out_dim=out_dim).double() for _ in range(3)]
+    for net in nets:  # non-trivial instance-norm affines, so a mixed-up expert would show
+        for p in net.parameters():
+            p.data.normal_()
+    params, _ = torch.func.stack_module_state(nets)
+    x = torch.randn(3, 4, 2, 16, 16, dtype=torch.float64)
+    out = convnet_ensemble(params, x, channels_last=channels_last)
+    expected = torch.stack([net(x[e]) for e, net in enumerate(nets)])
+    assert out.shape == expected.shape == (3, 4, out_dim or 6 * 2 * 2)
+    assert torch.allclose(out, expected, rtol=1e-10, atol=1e-10)
+    out.square().sum().backward()   # each expert's gradient reaches its own slice
+    reference = torch.autograd.grad(expected.square().sum(), nets[1].features_net[0].weight)[0]
+    assert torch.allclose(params["features_net.0.weight"].grad[1], reference, rtol=1e-8, atol=1e-10)

@@ -91,9 +91,9 @@ class ExpertsConfig:
     student: ModelConfig = opt(ModelConfig(), "student network (its head regresses the targets)")
     save_epochs: list[int] | None = opt(None, "epochs whose weights are stored (0 = init); default: "
                                               "0..max_start_epoch+expert_epochs, 1 and the last")
-    parallel: int = opt(0, "experts trained at once (stacked, vmapped; 1 = one at a time), same "
-                           "results within float tolerance; 0 = auto: 10 on CUDA, 1 on CPU (batching "
-                           "was slower there, see benchmarks/experts.py)")
+    parallel: int = opt(0, "experts trained at once (stacked weights, one grouped network; 1 = one "
+                           "at a time), same results within float tolerance; 0 = auto: 10 on CUDA, "
+                           "1 on CPU (batching measured 0.86x there, see benchmarks/experts.py)")
 
 
 @dataclass

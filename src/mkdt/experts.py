@@ -12,11 +12,11 @@ init) in ``experts/expert_KKKK.safetensors``:
 Experts are independent files, so an interrupted stage resumes at the next missing expert, and
 ranks of a torchrun job each train experts ``rank, rank + world, ...`` into the same folder.
 
-``experts.parallel`` experts are trained at once (:func:`train_experts`: parameters stacked and the
-forward pass vmapped; 0 = by device, :data:`AUTO_PARALLEL`). Each keeps its own init, batch order and
-SGD state, so the result equals one-at-a-time training within float tolerance (not bitwise: the
-batched convolutions sum in another order). It is a runtime choice, not part of the experts'
-fingerprint: a run may resume with another.
+``experts.parallel`` experts are trained at once (:func:`train_experts`: parameters stacked,
+ConvNets run as one grouped-convolution network, other students vmapped; 0 = by device,
+:data:`AUTO_PARALLEL`). Each keeps its own init, batch order and SGD state, so the result equals
+one-at-a-time training within float tolerance (not bitwise: the batched convolutions sum in another
+order). It is a runtime choice, not part of the experts' fingerprint: a run may resume with another.
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ from mkdt.artifacts import RunDir, derive_seed, fingerprint, load_tensors, read_
 from mkdt.config import Config, ExpertsConfig, ModelConfig
 from mkdt.data import ImageData
 from mkdt.errors import ArtifactError
-from mkdt.models import build_model, flatten_params
+from mkdt.models import ConvNet, build_model, convnet_ensemble, flatten_params
 from mkdt.runtime import (
     FastPath,
     fast_path,
@@ -52,7 +52,7 @@ from mkdt.runtime import (
 
 STAGE = "experts"
 _NOT_DEFINING = ("parallel",)
-# experts.parallel=0 by device type; elsewhere one at a time (batched was ~2x slower on a 2-core CPU)
+# experts.parallel=0 by device type; elsewhere one at a time (batched measured 0.86x on a 2-core CPU)
 AUTO_PARALLEL = {"cuda": 10}
 
 
@@ -126,18 +126,9 @@ def train_experts(students: Sequence[nn.Module], inputs: torch.Tensor, targets: 
     for student in students:
         student.train()
     params, buffers = torch.func.stack_module_state(list(students))  # (E, ...) copies, trained here
-    template = copy.deepcopy(students[0]).to("meta")
     optimizer = torch.optim.SGD(params.values(), lr=recipe.lr, momentum=recipe.momentum,
                                 weight_decay=recipe.weight_decay)  # elementwise: per student
-
-    def kd_loss(p: dict[str, torch.Tensor], b: dict[str, torch.Tensor], x: torch.Tensor,
-                y: torch.Tensor) -> torch.Tensor:
-        with fast.autocast():
-            out = torch.func.functional_call(template, (p, b), (x,))
-        return F.mse_loss(out.float(), y)
-
-    losses_of = torch.func.vmap(kd_loss)
-
+    losses_of = _stacked_kd_losses(students[0], fast)
     inputs = fast.images(inputs)
 
     def step(idx: torch.Tensor) -> torch.Tensor:
@@ -157,6 +148,28 @@ def train_experts(students: Sequence[nn.Module], inputs: torch.Tensor, targets: 
             for name, tensor in [*student.named_parameters(), *student.named_buffers()]:
                 tensor.copy_(stacked[name][k])
     return trajectories
+
+
+def _stacked_kd_losses(student: nn.Module, fast: FastPath) -> Callable[..., torch.Tensor]:
+    """(stacked params, stacked buffers, x (E, B, ...), y (E, B, D)) -> the (E,) KD losses of E
+    students shaped like ``student``: ConvNets run as one grouped network
+    (:func:`mkdt.models.convnet_ensemble`); other modules are vmapped over ``functional_call``."""
+    if isinstance(student, ConvNet):
+        def convnet_losses(p: dict[str, torch.Tensor], b: dict[str, torch.Tensor], x: torch.Tensor,
+                           y: torch.Tensor) -> torch.Tensor:
+            with fast.autocast():
+                out = convnet_ensemble(p, x, channels_last=fast.channels_last)
+            return (out.float() - y).square().mean(dim=(1, 2))
+        return convnet_losses
+    template = copy.deepcopy(student).to("meta")
+
+    def kd_loss(p: dict[str, torch.Tensor], b: dict[str, torch.Tensor], x: torch.Tensor,
+                y: torch.Tensor) -> torch.Tensor:
+        with fast.autocast():
+            out = torch.func.functional_call(template, (p, b), (x,))
+        return F.mse_loss(out.float(), y)
+
+    return torch.func.vmap(kd_loss)
 
 
 def _fit(step: Callable[[torch.Tensor], torch.Tensor], snapshot: Callable[[], torch.Tensor],

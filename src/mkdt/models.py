@@ -74,6 +74,36 @@ class ConvNet(nn.Module):
         return self.head(self.features(x))
 
 
+def convnet_ensemble(params: dict[str, torch.Tensor], x: torch.Tensor,
+                     channels_last: bool = False) -> torch.Tensor:
+    """E same-shape :class:`ConvNet` s evaluated as one network: (E, B, C, H, W) -> (E, B, out_dim).
+
+    ``params[name]`` stacks the E ConvNets' parameter ``name`` along a new dim 0 (as
+    ``torch.func.stack_module_state``); ``x[e]`` is ConvNet e's batch. The experts are folded into the
+    channel axis, h = (B, E*C, H, W): each 3x3 convolution is one convolution with groups = E (expert
+    e's filters see only its own channels), the instance norm is GroupNorm with one group per channel
+    (E * width groups), ReLU and pooling act per channel, and the head is a batched matmul. Equals the
+    E separate forward passes up to summation order, with one kernel per layer instead of E and no
+    vmap. ``channels_last`` runs the convolutions on the channels_last layout.
+    """
+    e, b = x.shape[:2]
+    h = x.transpose(0, 1).reshape(b, e * x.shape[2], *x.shape[3:])
+    if channels_last:
+        h = h.contiguous(memory_format=torch.channels_last)
+    depth = sum(1 for name in params if name.startswith("features_net.") and name.endswith(".weight")) // 2
+    for i in range(depth):
+        conv, norm = f"features_net.{4 * i}", f"features_net.{4 * i + 1}"
+        h = nn.functional.conv2d(h, params[f"{conv}.weight"].flatten(0, 1),
+                                 params[f"{conv}.bias"].flatten(), padding=1, groups=e)
+        h = nn.functional.group_norm(h, h.shape[1], params[f"{norm}.weight"].flatten(),
+                                     params[f"{norm}.bias"].flatten())
+        h = nn.functional.avg_pool2d(nn.functional.relu_(h), 2)
+    features = h.reshape(b, e, -1).transpose(0, 1)  # (E, B, width * s * s), ConvNet.features order
+    if "head.weight" not in params:
+        return features
+    return torch.baddbmm(params["head.bias"].unsqueeze(1), features, params["head.weight"].transpose(1, 2))
+
+
 class BasicBlock(nn.Module):
     """ResNet basic block (two 3x3 convs), names as in torchvision."""
 
