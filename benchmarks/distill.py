@@ -1,12 +1,15 @@
 """Distillation iteration time and peak memory vs N, for the unrolled and recompute backends.
 
-Each (backend, N) runs in a fresh process: it builds a ConvNet student, a random synthetic set and
-random expert segments, runs one warm-up iteration and ``--iterations`` timed ones of
-:class:`mkdt.distill.Distiller` (the product code path), and reports
+For each N, with a ConvNet student, a random synthetic set and random expert segments, running
+:class:`mkdt.distill.Distiller` (the product code path):
 
-- ``seconds_per_iteration``: mean wall time of the timed iterations;
-- ``peak_memory_mb``: the peak added by the iterations: on CPU the peak RSS (VmHWM, reset just
-  before the first iteration) minus the RSS at that moment; on CUDA max allocated minus allocated.
+- ``seconds_per_iteration``: one process builds both backends, runs one warm-up iteration of each,
+  then ``--iterations`` timed iterations alternating unrolled, recompute, unrolled, ...; the median
+  per backend. Alternating puts both under the same machine load (on a shared VM, separate
+  processes minutes apart drifted by +-10%);
+- ``peak_memory_mb``: each backend alone in a fresh process, the peak added by its first iteration:
+  on CPU the peak RSS (VmHWM, reset just before it) minus the RSS at that moment; on CUDA max
+  allocated minus allocated.
 
 Usage::
 
@@ -23,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -59,22 +63,28 @@ def build(args: argparse.Namespace, backend: str, steps: int) -> Distiller:
                      torch.Generator(device=device).manual_seed(0), backend)
 
 
-def child(args: argparse.Namespace) -> dict:
-    """Measure one configuration in this (fresh) process."""
+def time_child(args: argparse.Namespace) -> list[dict]:
+    """Median seconds per iteration of each backend in ``args.backend`` (comma-separated), their
+    timed iterations alternating in this one process."""
+    distillers = {b: build(args, b, args.child_steps) for b in args.backend.split(",")}
+    times: dict[str, list[float]] = {b: [] for b in distillers}
+    for i in range(args.iterations + 1):  # iteration 0 warms up the allocator and thread pools
+        for backend, distiller in distillers.items():
+            start = time.perf_counter()
+            distiller.step()
+            if args.device.startswith("cuda"):
+                torch.cuda.synchronize()
+            if i:
+                times[backend].append(time.perf_counter() - start)
+    return [{"backend": b, "seconds_per_iteration": statistics.median(t)} for b, t in times.items()]
+
+
+def memory_child(args: argparse.Namespace) -> dict:
+    """Peak memory added by the first iteration of ``args.backend`` in this fresh process."""
     distiller = build(args, args.backend, args.child_steps)
     with peak_memory(torch.device(args.device)) as peak:
-        distiller.step()  # warm-up: allocator, thread pools
-        if args.device.startswith("cuda"):
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        for _ in range(args.iterations):
-            distiller.step()
-        if args.device.startswith("cuda"):
-            torch.cuda.synchronize()
-        seconds = (time.perf_counter() - start) / args.iterations
-    return {"backend": args.backend, "syn_steps": args.child_steps, "batch_syn": args.batch_syn,
-            "width": args.width, "trajectories": args.trajectories,
-            "seconds_per_iteration": seconds, "peak_memory_mb": peak.mb, "device": hardware(args.device)}
+        distiller.step()
+    return {"backend": args.backend, "peak_memory_mb": peak.mb}
 
 
 def estimated_graph_gb(args: argparse.Namespace, steps: int) -> float:
@@ -94,38 +104,46 @@ def main() -> None:
     parser.add_argument("--trajectories", type=int, default=1, help="segments per iteration (B)")
     parser.add_argument("--steps", type=int, nargs="+", default=[5, 10, 20, 40], help="values of N")
     parser.add_argument("--backends", nargs="+", default=["unrolled", "recompute"])
-    parser.add_argument("--iterations", type=int, default=3, help="timed iterations after 1 warm-up")
+    parser.add_argument("--iterations", type=int, default=3,
+                        help="timed iterations per backend after 1 warm-up (median reported)")
     parser.add_argument("--max-unrolled-gb", type=float, default=None,
                         help="skip unrolled above this estimated graph size "
                              "(default: 60%% of RAM or GPU memory)")
     parser.add_argument("--json", type=Path, help="also write the records to this JSON file")
     parser.add_argument("--backend", help=argparse.SUPPRESS)
+    parser.add_argument("--child-mode", choices=("time", "memory"), help=argparse.SUPPRESS)
     parser.add_argument("--child-steps", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.quick:
         args.width, args.batch_syn, args.images, args.iterations = 32, 64, 256, 2
         args.steps = [5, 10, 20, 40]
     if args.child_steps is not None:
-        print(json.dumps(child(args)))
+        print(json.dumps(time_child(args) if args.child_mode == "time" else memory_child(args)))
         return
     if args.max_unrolled_gb is None:
         total = (torch.cuda.get_device_properties(args.device).total_memory if args.device.startswith("cuda")
                  else os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
         args.max_unrolled_gb = 0.6 * total / 2**30
     records = []
+    common = {"device": args.device, "width": args.width, "batch_syn": args.batch_syn,
+              "images": args.images, "trajectories": args.trajectories, "iterations": args.iterations}
     for steps in args.steps:
-        for backend in args.backends:
-            graph_gb = estimated_graph_gb(args, steps)
-            if backend == "unrolled" and graph_gb > args.max_unrolled_gb:
-                print(f"skip unrolled N={steps}: estimated graph {graph_gb:.1f} GB "
-                      f"> {args.max_unrolled_gb:.1f} GB", file=sys.stderr)
-                continue
-            records.append(run_child(__file__, {
-                "backend": backend, "child_steps": steps, "device": args.device, "width": args.width,
-                "batch_syn": args.batch_syn, "images": args.images, "trajectories": args.trajectories,
-                "iterations": args.iterations}))
-            print(f"  {backend:9s} N={steps:3d}: {records[-1]['seconds_per_iteration']:.3f} s/it, "
-                  f"{records[-1]['peak_memory_mb']:.0f} MB", file=sys.stderr)
+        graph_gb = estimated_graph_gb(args, steps)
+        backends = [b for b in args.backends if b != "unrolled" or graph_gb <= args.max_unrolled_gb]
+        if backends != args.backends:
+            print(f"skip unrolled N={steps}: estimated graph {graph_gb:.1f} GB "
+                  f"> {args.max_unrolled_gb:.1f} GB", file=sys.stderr)
+        times = run_child(__file__, {"child_mode": "time", "child_steps": steps,
+                                     "backend": ",".join(backends), **common})
+        for timed in times:
+            memory = run_child(__file__, {"child_mode": "memory", "child_steps": steps,
+                                          "backend": timed["backend"], **common})
+            records.append({"backend": timed["backend"], "syn_steps": steps, "batch_syn": args.batch_syn,
+                            "width": args.width, "trajectories": args.trajectories,
+                            "seconds_per_iteration": timed["seconds_per_iteration"],
+                            "peak_memory_mb": memory["peak_memory_mb"], "device": hardware(args.device)})
+            print(f"  {timed['backend']:9s} N={steps:3d}: {timed['seconds_per_iteration']:.3f} s/it, "
+                  f"{memory['peak_memory_mb']:.0f} MB", file=sys.stderr)
     reference = {r["syn_steps"]: r for r in records if r["backend"] == "unrolled"}
     for r in records:
         ref = reference.get(r["syn_steps"])

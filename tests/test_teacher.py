@@ -13,7 +13,8 @@ def test_teacher_trains_saves_encoder_and_reports_probe(tmp_path):
     config = tiny_config(tmp_path / "cache")
     record = teacher.run(config, tmp_path / "run")
     result = record["result"]
-    assert len(result["loss_history"]) == 3
+    assert len(result["loss_history"]) == len(result["epoch_seconds"]) == 3
+    assert 0 < sum(result["epoch_seconds"]) <= result["train_seconds"]
     assert result["loss_history"][-1] < result["loss_history"][0]
     assert 0.1 < result["probe_accuracy"] <= 1.0      # better than chance on 10 classes
     tensors, meta = load_tensors(tmp_path / "run/teacher/encoder.safetensors")

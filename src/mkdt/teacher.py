@@ -97,10 +97,10 @@ def epoch_views(images: torch.Tensor, augment: SSLAugment, method: str, batch_si
 
 
 def train_teacher(config: Config, data: ImageData, device: torch.device,
-                  checkpoint_path: Path | None = None) -> tuple[nn.Module, list[float]]:
+                  checkpoint_path: Path | None = None) -> tuple[nn.Module, list[float], list[float]]:
     """Train the SSL teacher; resume from ``checkpoint_path`` if it holds a compatible state.
 
-    Returns the encoder (eval mode, on ``device``) and the mean loss of every epoch.
+    Returns the encoder (eval mode, on ``device``), the mean loss and the wall seconds of every epoch.
     """
     t = config.teacher
     n = data.num_train
@@ -127,6 +127,7 @@ def train_teacher(config: Config, data: ImageData, device: torch.device,
     gen = generator(derive_seed(config.seed, "teacher-data"), device)
     images = data.train_images.to(device)
     history: list[float] = []
+    seconds: list[float] = []
     start = 0
     spec = defining(config)
     if checkpoint_path is not None and checkpoint_path.is_file():
@@ -138,10 +139,12 @@ def train_teacher(config: Config, data: ImageData, device: torch.device,
         scheduler.load_state_dict(state["scheduler"])
         gen.set_state(state["generator"])
         start, history = state["epoch"], list(state["history"])
+        seconds = list(state.get("epoch_seconds", []))
 
     bar = progress(range(start, t.epochs), desc=f"teacher ({t.method})", initial=start,
                    total=t.epochs, unit="epoch")
     for epoch in bar:
+        t0 = time.perf_counter()
         encoder.train()
         projector.train()
         total_loss = torch.zeros((), device=device)
@@ -154,16 +157,17 @@ def train_teacher(config: Config, data: ImageData, device: torch.device,
             optimizer.step()
             scheduler.step()
             total_loss += loss.detach()
-        history.append(total_loss.item() / steps_per_epoch)
+        history.append(total_loss.item() / steps_per_epoch)  # .item() waits for the device
+        seconds.append(time.perf_counter() - t0)
         bar.set_postfix(loss=f"{history[-1]:.4g}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
         done = epoch + 1
         if checkpoint_path is not None and (done % t.checkpoint_every == 0 or done == t.epochs):
             save_checkpoint(checkpoint_path, {
                 "encoder": encoder.state_dict(), "projector": projector.state_dict(),
                 "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                "generator": gen.get_state(), "epoch": done, "history": history,
+                "generator": gen.get_state(), "epoch": done, "history": history, "epoch_seconds": seconds,
                 "fingerprint": fingerprint(spec), "defining": spec})
-    return encoder.eval(), history
+    return encoder.eval(), history, seconds
 
 
 def load_state_dict_file(path: Path) -> dict[str, torch.Tensor]:
@@ -256,8 +260,8 @@ def run(config: Config, out: str | Path, *, force: bool = False,
         encoder = load_teacher_checkpoint(Path(t.checkpoint).expanduser(), t.model, data).to(device)
         result["loaded_from"] = str(t.checkpoint)
     else:
-        encoder, history = train_teacher(config, data, device, ckpt)
-        result["loss_history"] = history
+        encoder, history, seconds = train_teacher(config, data, device, ckpt)
+        result["loss_history"], result["epoch_seconds"] = history, seconds
     save_encoder(run_dir.stage_dir(STAGE) / "encoder.safetensors", encoder, t.model, data)
     result["train_seconds"] = time.perf_counter() - start
     if t.probe:
