@@ -14,14 +14,18 @@ from mkdt.distill import (
 )
 from mkdt.errors import ArtifactError
 from mkdt.experts import train_expert
-from mkdt.models import ConvNet, flatten_params
+from mkdt.models import ConvNet, flatten_params, resnet10
 from mkdt.runtime import FastPath
 from tests.helpers import interrupted_after_first_checkpoint, tiny_config
 
 
-def _tiny_problem(dtype=torch.float64):
+def _tiny_problem(dtype=torch.float64, batch_norm=False):
     gen = torch.Generator().manual_seed(0)
-    student = ConvNet(in_channels=1, image_size=4, width=2, depth=1, out_dim=3).to(dtype)
+    if batch_norm:  # a training-mode ResNet: batch statistics, running statistics updated in place
+        torch.manual_seed(0)
+        student = resnet10(width=2, in_channels=1, out_dim=3).to(dtype)
+    else:
+        student = ConvNet(in_channels=1, image_size=4, width=2, depth=1, out_dim=3).to(dtype)
     start = flatten_params(student)
     target = start + 0.05 * torch.randn(start.shape, generator=gen, dtype=dtype)
     images = torch.randn(6, 1, 4, 4, generator=gen, dtype=dtype)
@@ -67,8 +71,9 @@ def _segments(student, start, images, z, num, steps, gen):
 
 @pytest.mark.parametrize("num_segments", [1, 3])
 @pytest.mark.parametrize("learn_targets", [False, True])
-def test_recompute_backend_equals_unrolled(num_segments, learn_targets):
-    student, start, _, images, z, _ = _tiny_problem()
+@pytest.mark.parametrize("batch_norm", [False, True], ids=["convnet", "resnet"])
+def test_recompute_backend_equals_unrolled(num_segments, learn_targets, batch_norm):
+    student, start, _, images, z, _ = _tiny_problem(batch_norm=batch_norm)
     starts, ends, batches = _segments(student, start, images, z, num_segments, 5,
                                       torch.Generator().manual_seed(2))
     lr = torch.tensor(0.3, dtype=torch.float64)
@@ -218,3 +223,11 @@ def test_auto_backend_picks_recompute_for_large_graphs():
     assert distill.unrolled_graph_bytes(paper, student, shape) > 20 * 2**30
     forced = DistillConfig(backend="unrolled")
     assert distill.resolve_backend(forced, student, shape, cpu) == "unrolled"
+
+
+def test_graph_estimate_of_a_batch_norm_student_leaves_it_untouched():
+    student = resnet10(width=4, out_dim=8)
+    before = {k: v.clone() for k, v in student.state_dict().items()}
+    assert distill.unrolled_graph_bytes(DistillConfig(), student, torch.Size((3, 32, 32))) > 0
+    assert student.training
+    assert all(torch.equal(before[k], v) for k, v in student.state_dict().items())

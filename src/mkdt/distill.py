@@ -86,14 +86,18 @@ def _segment_grads(student: nn.Module, theta: torch.Tensor, x: torch.Tensor, z: 
     """Inner gradients g_b = grad_theta L_MSE(f_{theta_b}(x_b), z_b) of B segments at once.
 
     ``theta`` (B, P), ``x`` (B, b, C, H, W), ``z`` (B, b, D) -> (B, P). B > 1 runs the students with
-    ``torch.func.vmap``; the loss summed over segments gives each segment its own gradient.
+    ``torch.func.vmap``; the loss summed over segments gives each segment its own gradient. Buffers
+    (batch-norm running statistics, which a training-mode forward updates but never reads) get one
+    scratch copy per segment there, so vmap can update them.
     """
     if theta.shape[0] == 1:
         out = torch.func.functional_call(student, unflatten_params(student, theta[0]), (x[0],))[None]
     else:
-        def forward(t: torch.Tensor, xb: torch.Tensor) -> torch.Tensor:
-            return torch.func.functional_call(student, unflatten_params(student, t), (xb,))
-        out = torch.func.vmap(forward)(theta, x)
+        buffers = {name: b.expand(len(theta), *b.shape).clone() for name, b in student.named_buffers()}
+
+        def forward(t: torch.Tensor, buf: dict[str, torch.Tensor], xb: torch.Tensor) -> torch.Tensor:
+            return torch.func.functional_call(student, (unflatten_params(student, t), buf), (xb,))
+        out = torch.func.vmap(forward)(theta, buffers, x)
     loss = (out.to(z.dtype) - z).pow(2).mean(dim=(1, 2)).sum()
     return torch.autograd.grad(loss, theta, create_graph=create_graph)[0]
 
@@ -280,15 +284,17 @@ def unrolled_graph_bytes(recipe: DistillConfig, student: nn.Module, image_shape:
 
     leaves = [m for m in student.modules() if not list(m.children())]
     hooks = [m.register_forward_hook(count) for m in leaves]
-    try:
+    training = student.training
+    try:  # two images in eval mode: batch norm neither fails on one image nor updates its statistics
         with torch.no_grad():
             p = next(student.parameters())
-            student(torch.zeros(1, *image_shape, device=p.device, dtype=p.dtype))
+            student.eval()(torch.zeros(2, *image_shape, device=p.device, dtype=p.dtype))
     finally:
+        student.train(training)
         for h in hooks:
             h.remove()
     batch = min(recipe.batch_syn, recipe.images)
-    return _GRAPH_FACTOR * 4 * elements * batch * recipe.syn_steps * recipe.trajectories
+    return _GRAPH_FACTOR * 4 * elements // 2 * batch * recipe.syn_steps * recipe.trajectories
 
 
 def device_memory_bytes(device: torch.device) -> int:
