@@ -71,13 +71,14 @@ def peak_memory(device: torch.device) -> Iterator[Peak]:
         peak.mb = (after - before) / 1024
 
 
-def run_child(script: str, options: dict[str, Any]) -> dict[str, Any]:
+def run_child(script: str, options: dict[str, Any], env: dict[str, str] | None = None) -> dict[str, Any]:
     """Run ``script`` in a fresh Python process with ``--key value`` options (underscores become
-    dashes) and return the JSON record it prints on its last stdout line."""
+    dashes) and ``env`` added to the environment; return the JSON record it prints last."""
     cmd = [sys.executable, script]
     for key, value in options.items():
         cmd += [f"--{key.replace('_', '-')}", str(value)]
-    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True,
+                         env={**os.environ, **(env or {})}).stdout
     return json.loads(out.strip().splitlines()[-1])
 
 

@@ -3,22 +3,27 @@
 For each N, with a ConvNet student, a random synthetic set and random expert segments, running
 :class:`mkdt.distill.Distiller` (the product code path):
 
-- ``seconds_per_iteration``: one process builds both backends, runs one warm-up iteration of each,
+- ``seconds_per_iteration``: this process builds both backends, runs one warm-up iteration of each,
   then ``--iterations`` timed iterations alternating unrolled, recompute, unrolled, ...; the median
   per backend. Alternating puts both under the same machine load (on a shared VM, separate
   processes minutes apart drifted by +-10%);
 - ``peak_memory_mb``: each backend alone in a fresh process, the peak added by its first iteration:
   on CPU the peak RSS (VmHWM, reset just before it) minus the RSS at that moment; on CUDA max
-  allocated minus allocated.
+  allocated minus allocated. On CPU that process runs with ``MALLOC_MMAP_THRESHOLD_=65536``: glibc
+  then maps every block above 64 KiB on allocation and unmaps it on free, so RSS follows the live
+  tensors. With glibc's default adaptive threshold, freed blocks stay cached in the heap by chance,
+  and recompute at width 32, batch 64, N = 10 measured 165-194 MB in repeated runs (with the fixed
+  threshold: 109.7 +- 0.1 MB).
 
 Usage::
 
-    python benchmarks/distill.py --quick --json distill.json   # width 32, batch 64, N = 5..40, < 3 min
+    python benchmarks/distill.py --quick --json distill.json   # width 16, batch 128, N = 5..40, < 3 min
     python benchmarks/distill.py --width 128 --batch-syn 256 --steps 5 10   # the paper's size
     python benchmarks/distill.py --device cuda --width 128 --batch-syn 256 --steps 5 10 20 40
 
 ``unrolled`` is skipped where its estimated graph (mkdt.distill.unrolled_graph_bytes) would exceed
-``--max-unrolled-gb``; ``recompute`` always runs.
+``--max-unrolled-gb`` or N exceeds ``--max-unrolled-steps`` (20 with ``--quick``, whose targets compare
+the backends at N = 20 and recompute with itself at N = 10 and 40); ``recompute`` always runs.
 """
 
 from __future__ import annotations
@@ -40,6 +45,8 @@ from mkdt.config import DistillConfig  # noqa: E402
 from mkdt.distill import Distiller, unrolled_graph_bytes  # noqa: E402
 from mkdt.experts import Trajectory  # noqa: E402
 from mkdt.models import ConvNet, flatten_params  # noqa: E402
+
+MEMORY_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536"}  # glibc: RSS follows the live tensors (see above)
 
 
 def build(args: argparse.Namespace, backend: str, steps: int) -> Distiller:
@@ -63,10 +70,9 @@ def build(args: argparse.Namespace, backend: str, steps: int) -> Distiller:
                      torch.Generator(device=device).manual_seed(0), backend)
 
 
-def time_child(args: argparse.Namespace) -> list[dict]:
-    """Median seconds per iteration of each backend in ``args.backend`` (comma-separated), their
-    timed iterations alternating in this one process."""
-    distillers = {b: build(args, b, args.child_steps) for b in args.backend.split(",")}
+def time_backends(args: argparse.Namespace, steps: int, backends: list[str]) -> dict[str, float]:
+    """Median seconds per iteration of each backend, their timed iterations alternating."""
+    distillers = {b: build(args, b, steps) for b in backends}
     times: dict[str, list[float]] = {b: [] for b in distillers}
     for i in range(args.iterations + 1):  # iteration 0 warms up the allocator and thread pools
         for backend, distiller in distillers.items():
@@ -76,7 +82,7 @@ def time_child(args: argparse.Namespace) -> list[dict]:
                 torch.cuda.synchronize()
             if i:
                 times[backend].append(time.perf_counter() - start)
-    return [{"backend": b, "seconds_per_iteration": statistics.median(t)} for b, t in times.items()]
+    return {b: statistics.median(t) for b, t in times.items()}
 
 
 def memory_child(args: argparse.Namespace) -> dict:
@@ -96,7 +102,8 @@ def estimated_graph_gb(args: argparse.Namespace, steps: int) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true",
-                        help="width 32, batch_syn 64, 256 images, N = 5 10 20 40, 2 timed iterations")
+                        help="width 16, batch_syn 128, 256 images, N = 5 10 20 40 (unrolled up to 20), "
+                             "2 timed iterations")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--width", type=int, default=128, help="ConvNetD3 width")
     parser.add_argument("--batch-syn", type=int, default=256, help="synthetic images per inner step")
@@ -109,16 +116,18 @@ def main() -> None:
     parser.add_argument("--max-unrolled-gb", type=float, default=None,
                         help="skip unrolled above this estimated graph size "
                              "(default: 60%% of RAM or GPU memory)")
+    parser.add_argument("--max-unrolled-steps", type=int, default=10**9,
+                        help="skip unrolled above this N (--quick: 20, to fit the time)")
     parser.add_argument("--json", type=Path, help="also write the records to this JSON file")
     parser.add_argument("--backend", help=argparse.SUPPRESS)
-    parser.add_argument("--child-mode", choices=("time", "memory"), help=argparse.SUPPRESS)
     parser.add_argument("--child-steps", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.quick:
-        args.width, args.batch_syn, args.images, args.iterations = 32, 64, 256, 2
+        args.width, args.batch_syn, args.images, args.iterations = 16, 128, 256, 2
+        args.max_unrolled_steps = 20
         args.steps = [5, 10, 20, 40]
     if args.child_steps is not None:
-        print(json.dumps(time_child(args) if args.child_mode == "time" else memory_child(args)))
+        print(json.dumps(memory_child(args)))
         return
     if args.max_unrolled_gb is None:
         total = (torch.cuda.get_device_properties(args.device).total_memory if args.device.startswith("cuda")
@@ -129,20 +138,18 @@ def main() -> None:
               "images": args.images, "trajectories": args.trajectories, "iterations": args.iterations}
     for steps in args.steps:
         graph_gb = estimated_graph_gb(args, steps)
-        backends = [b for b in args.backends if b != "unrolled" or graph_gb <= args.max_unrolled_gb]
+        fits = graph_gb <= args.max_unrolled_gb and steps <= args.max_unrolled_steps
+        backends = [b for b in args.backends if b != "unrolled" or fits]
         if backends != args.backends:
-            print(f"skip unrolled N={steps}: estimated graph {graph_gb:.1f} GB "
-                  f"> {args.max_unrolled_gb:.1f} GB", file=sys.stderr)
-        times = run_child(__file__, {"child_mode": "time", "child_steps": steps,
-                                     "backend": ",".join(backends), **common})
-        for timed in times:
-            memory = run_child(__file__, {"child_mode": "memory", "child_steps": steps,
-                                          "backend": timed["backend"], **common})
-            records.append({"backend": timed["backend"], "syn_steps": steps, "batch_syn": args.batch_syn,
+            print(f"skip unrolled N={steps}: estimated graph {graph_gb:.1f} GB (limit "
+                  f"{args.max_unrolled_gb:.1f} GB), N limit {args.max_unrolled_steps}", file=sys.stderr)
+        for backend, seconds in time_backends(args, steps, backends).items():
+            memory = run_child(__file__, {"child_steps": steps, "backend": backend, **common}, env=MEMORY_ENV)
+            records.append({"backend": backend, "syn_steps": steps, "batch_syn": args.batch_syn,
                             "width": args.width, "trajectories": args.trajectories,
-                            "seconds_per_iteration": timed["seconds_per_iteration"],
+                            "seconds_per_iteration": seconds,
                             "peak_memory_mb": memory["peak_memory_mb"], "device": hardware(args.device)})
-            print(f"  {timed['backend']:9s} N={steps:3d}: {timed['seconds_per_iteration']:.3f} s/it, "
+            print(f"  {backend:9s} N={steps:3d}: {seconds:.3f} s/it, "
                   f"{memory['peak_memory_mb']:.0f} MB", file=sys.stderr)
     reference = {r["syn_steps"]: r for r in records if r["backend"] == "unrolled"}
     for r in records:
