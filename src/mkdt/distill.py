@@ -365,8 +365,11 @@ def run(config: Config, out: str | Path, *, force: bool = False,
     start = time.perf_counter()
     bar = progress(range(start_iter, r.iterations), desc=f"distill ({backend})", initial=start_iter,
                    total=r.iterations, unit="it")
+    first_iteration = None  # seconds of this process's first iteration (warm-up included)
     for it in bar:
         history.append(distiller.step())
+        if first_iteration is None:
+            first_iteration = time.perf_counter() - start  # .step() returned a host float: synced
         if not math.isfinite(history[-1]) or not math.isfinite(distiller.lr.item()):
             raise ArtifactError(f"distillation diverged at iteration {it + 1} (non-finite loss or "
                                 "alpha_syn); lower distill.lr_img or distill.lr_lr and rerun with --force")
@@ -388,7 +391,8 @@ def run(config: Config, out: str | Path, *, force: bool = False,
     result = {"learned_lr": final.lr, "iterations": r.iterations, "backend": backend,
               "loss_first": sum(history[:window]) / window,
               "loss_last": sum(history[-window:]) / window,
-              "seconds_per_iteration": (time.perf_counter() - start) / max(1, r.iterations - start_iter)}
+              "seconds_per_iteration": (time.perf_counter() - start) / max(1, r.iterations - start_iter),
+              "seconds_first_iteration": first_iteration}
     print(f"distill: loss {result['loss_first']:.4f} -> {result['loss_last']:.4f} "
           f"(mean of {window} its), learned lr {final.lr:.4f}")
     return run_dir.finish(STAGE, spec, time.perf_counter() - start, result)
