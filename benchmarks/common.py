@@ -82,13 +82,39 @@ def run_child(script: str, options: dict[str, Any], env: dict[str, str] | None =
     return json.loads(out.strip().splitlines()[-1])
 
 
-def add_ratio_to_best_dataloader(records: list[dict[str, Any]]) -> None:
-    """Set ``vs_best_dataloader`` = images_per_second / the best dataloader rate of the same stage."""
-    for stage in {r["stage"] for r in records}:
-        rows = [r for r in records if r["stage"] == stage]
+PIPELINE_COLUMNS = ["stage", "pipeline", "workers", "width", "images_per_second", "vs_best_dataloader",
+                    "peak_memory_mb", "workers_private_mb"]
+
+
+def compare_pipelines(script: str, stages: list[str], workers: list[int],
+                      options: dict[str, Any]) -> list[dict[str, Any]]:
+    """For each stage, mkdt's pipeline and a DataLoader with each ``workers`` count, each measured
+    in a fresh process of ``script`` (its ``--stage`` child mode, with ``options``). Each record
+    gets ``vs_best_dataloader`` = images_per_second / the best DataLoader rate of its stage."""
+    records = []
+    for stage in stages:
+        rows = []
+        for pipeline, count in [("mkdt", 0)] + [("dataloader", w) for w in workers]:
+            rows.append(run_child(script, {"stage": stage, "pipeline": pipeline, "child_workers": count,
+                                           **options}))
+            print(f"  {stage:10s} {pipeline:10s} workers={count}: "
+                  f"{rows[-1]['images_per_second']:.0f} images/s", file=sys.stderr)
         best = max(r["images_per_second"] for r in rows if r["pipeline"] == "dataloader")
         for r in rows:
             r["vs_best_dataloader"] = r["images_per_second"] / best
+        records += rows
+    return records
+
+
+def report(records: list[dict[str, Any]], columns: list[str], footer: str | None,
+           json_path: Path | None) -> None:
+    """Print ``records`` as a table of ``columns`` and the ``footer`` line; also write them as JSON
+    to ``json_path`` when given."""
+    print_table(records, columns)
+    if footer:
+        print(footer)
+    if json_path:
+        write_json(json_path, records)
 
 
 def _cell(value: Any) -> str:

@@ -39,7 +39,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import hardware, peak_memory, print_table, run_child, write_json  # noqa: E402
+from common import hardware, peak_memory, report, run_child  # noqa: E402
 
 from mkdt.config import DistillConfig  # noqa: E402
 from mkdt.distill import Distiller, unrolled_graph_bytes  # noqa: E402
@@ -156,11 +156,9 @@ def main() -> None:
         ref = reference.get(r["syn_steps"])
         r["time_vs_unrolled"] = r["seconds_per_iteration"] / ref["seconds_per_iteration"] if ref else None
         r["memory_vs_unrolled"] = r["peak_memory_mb"] / ref["peak_memory_mb"] if ref else None
-    print_table(records, ["backend", "syn_steps", "batch_syn", "width", "seconds_per_iteration",
-                          "time_vs_unrolled", "peak_memory_mb", "memory_vs_unrolled"])
-    print(f"device: {records[0]['device']}; torch {torch.__version__}")
-    if args.json:
-        write_json(args.json, records)
+    report(records, ["backend", "syn_steps", "batch_syn", "width", "seconds_per_iteration",
+                     "time_vs_unrolled", "peak_memory_mb", "memory_vs_unrolled"],
+           f"device: {records[0]['device']}; torch {torch.__version__}", args.json)
 
 
 if __name__ == "__main__":

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import hardware, peak_memory, print_table, write_json  # noqa: E402
+from common import hardware, peak_memory, report  # noqa: E402
 
 from mkdt.config import ExpertsConfig  # noqa: E402
 from mkdt.experts import Trajectory, train_expert, train_experts  # noqa: E402
@@ -121,10 +121,8 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     rows = run(args)
-    print_table(rows, ["mode", "experts", "width", "images", "epochs", "seconds", "students_per_hour",
-                       "ratio", "peak_mb", "max_weight_diff", "hardware", "torch"])
-    if args.json:
-        write_json(args.json, rows)
+    report(rows, ["mode", "experts", "width", "images", "epochs", "seconds", "students_per_hour",
+                  "ratio", "peak_mb", "max_weight_diff", "hardware", "torch"], None, args.json)
 
 
 if __name__ == "__main__":

@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import hardware, print_table, write_json  # noqa: E402
+from common import hardware, report  # noqa: E402
 
 from mkdt.artifacts import RunDir  # noqa: E402
 from mkdt.config import Config, load_config  # noqa: E402
@@ -148,12 +148,11 @@ def main(argv: list[str] | None = None) -> None:
     rows.append({"stage": "total", "measured_seconds": sum(r["measured_seconds"] for r in rows),
                  "ran": "", "full": "", "estimated_seconds": sum(r["estimated_seconds"] for r in rows),
                  "how": "sum", "device": device})
-    print_table(rows, ["stage", "measured_seconds", "ran", "full", "estimated_seconds", "how"])
-    print(f"preset {args.preset} {' '.join(args.overrides)}; device: {device}; "
-          f"this estimate took {time.perf_counter() - start:.0f} s; estimated full run "
-          f"{rows[-1]['estimated_seconds'] / 60:.1f} min")
-    if args.json:
-        write_json(args.json, rows)
+    report(rows, ["stage", "measured_seconds", "ran", "full", "estimated_seconds", "how"],
+           f"preset {args.preset} {' '.join(args.overrides)}; device: {device}; this estimate took "
+           f"{time.perf_counter() - start:.0f} s; estimated full run "
+           f"{rows[-1]['estimated_seconds'] / 60:.1f} min",
+           args.json)
 
 
 if __name__ == "__main__":

@@ -44,14 +44,7 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (  # noqa: E402
-    add_ratio_to_best_dataloader,
-    hardware,
-    peak_memory,
-    print_table,
-    run_child,
-    write_json,
-)
+from common import PIPELINE_COLUMNS, compare_pipelines, hardware, peak_memory, report  # noqa: E402
 from teacher import WorkersMemory, random_data, synchronize  # noqa: E402
 
 from mkdt.config import ModelConfig, TargetsConfig, TeacherConfig  # noqa: E402
@@ -167,22 +160,11 @@ def main() -> None:
         print(json.dumps(child(args)))
         return
     check_inputs(torch.device(args.device))
-    records = []
-    for stage in args.stages:
-        for pipeline, workers in [("mkdt", 0)] + [("dataloader", w) for w in args.workers]:
-            records.append(run_child(__file__, {
-                "stage": stage, "pipeline": pipeline, "child_workers": workers, "device": args.device,
-                "batch": args.batch, "batches": args.batches, "width": args.width}))
-            print(f"  {stage:6s} {pipeline:10s} workers={workers}: "
-                  f"{records[-1]['images_per_second']:.0f} images/s", file=sys.stderr)
-    add_ratio_to_best_dataloader(records)
-    print_table(records, ["stage", "pipeline", "workers", "width", "images_per_second",
-                          "vs_best_dataloader", "peak_memory_mb", "workers_private_mb"])
-    print(f"batch {args.batch}, 3x32x32, inputs of both pipelines checked equal; "
-          f"device: {records[0]['device']}; torch {torch.__version__}")
-    if args.json:
-        write_json(args.json, records)
-
+    records = compare_pipelines(__file__, args.stages, args.workers, {
+        "device": args.device, "batch": args.batch, "batches": args.batches, "width": args.width})
+    report(records, PIPELINE_COLUMNS,
+           f"batch {args.batch}, 3x32x32, inputs of both pipelines checked equal; "
+           f"device: {records[0]['device']}; torch {torch.__version__}", args.json)
 
 if __name__ == "__main__":
     main()

@@ -54,14 +54,7 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (  # noqa: E402
-    add_ratio_to_best_dataloader,
-    hardware,
-    peak_memory,
-    print_table,
-    run_child,
-    write_json,
-)
+from common import PIPELINE_COLUMNS, compare_pipelines, hardware, peak_memory, report  # noqa: E402
 
 from mkdt.augment import SSLAugment  # noqa: E402
 from mkdt.config import ModelConfig, TeacherConfig  # noqa: E402
@@ -266,23 +259,12 @@ def main() -> None:
     if args.stage is not None:
         print(json.dumps(child(args)))
         return
-    records = []
-    for stage in args.stages:
-        configs = [("mkdt", 0)] + [("dataloader", w) for w in args.workers]
-        for pipeline, workers in configs:
-            records.append(run_child(__file__, {
-                "stage": stage, "pipeline": pipeline, "child_workers": workers, "device": args.device,
-                "batch": args.batch, "batches": args.batches, "train_batches": args.train_batches,
-                "width": args.width}))
-            print(f"  {stage:10s} {pipeline:10s} workers={workers}: "
-                  f"{records[-1]['images_per_second']:.0f} images/s", file=sys.stderr)
-    add_ratio_to_best_dataloader(records)
-    print_table(records, ["stage", "pipeline", "workers", "width", "images_per_second",
-                          "vs_best_dataloader", "peak_memory_mb", "workers_private_mb"])
-    print(f"batch {args.batch}, 3x32x32; device: {records[0]['device']}; torch {torch.__version__}")
-    if args.json:
-        write_json(args.json, records)
-
+    records = compare_pipelines(__file__, args.stages, args.workers, {
+        "device": args.device, "batch": args.batch, "batches": args.batches,
+        "train_batches": args.train_batches, "width": args.width})
+    report(records, PIPELINE_COLUMNS,
+           f"batch {args.batch}, 3x32x32; device: {records[0]['device']}; torch {torch.__version__}",
+           args.json)
 
 if __name__ == "__main__":
     main()
