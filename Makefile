@@ -1,5 +1,5 @@
 # make demo : create .venv, install mkdt, run the whole pipeline on the embedded digits data
-# make test : create .venv, install mkdt with test tools, run the test suite (what CI runs)
+# make test : create .venv, install mkdt with test tools, run ruff (lint + format), mypy and the test suite (what CI runs)
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -18,7 +18,9 @@ demo: install
 	$(BIN)/mkdt run --preset demo --out runs/demo
 
 test: install
-	$(BIN)/ruff check src tests
+	$(BIN)/ruff check src tests benchmarks tools
+	$(BIN)/ruff format --check src tests benchmarks tools
+	$(BIN)/mypy
 	$(BIN)/python -m pytest -q
 
 clean:

@@ -77,17 +77,27 @@ def run_child(script: str, options: dict[str, Any], env: dict[str, str] | None =
     cmd = [sys.executable, script]
     for key, value in options.items():
         cmd += [f"--{key.replace('_', '-')}", str(value)]
-    out = subprocess.run(cmd, check=True, capture_output=True, text=True,
-                         env={**os.environ, **(env or {})}).stdout
+    out = subprocess.run(
+        cmd, check=True, capture_output=True, text=True, env={**os.environ, **(env or {})}
+    ).stdout
     return json.loads(out.strip().splitlines()[-1])
 
 
-PIPELINE_COLUMNS = ["stage", "pipeline", "workers", "width", "images_per_second", "vs_best_dataloader",
-                    "peak_memory_mb", "workers_private_mb"]
+PIPELINE_COLUMNS = [
+    "stage",
+    "pipeline",
+    "workers",
+    "width",
+    "images_per_second",
+    "vs_best_dataloader",
+    "peak_memory_mb",
+    "workers_private_mb",
+]
 
 
-def compare_pipelines(script: str, stages: list[str], workers: list[int],
-                      options: dict[str, Any]) -> list[dict[str, Any]]:
+def compare_pipelines(
+    script: str, stages: list[str], workers: list[int], options: dict[str, Any]
+) -> list[dict[str, Any]]:
     """For each stage, mkdt's pipeline and a DataLoader with each ``workers`` count, each measured
     in a fresh process of ``script`` (its ``--stage`` child mode, with ``options``). Each record
     gets ``vs_best_dataloader`` = images_per_second / the best DataLoader rate of its stage."""
@@ -95,10 +105,13 @@ def compare_pipelines(script: str, stages: list[str], workers: list[int],
     for stage in stages:
         rows = []
         for pipeline, count in [("mkdt", 0)] + [("dataloader", w) for w in workers]:
-            rows.append(run_child(script, {"stage": stage, "pipeline": pipeline, "child_workers": count,
-                                           **options}))
-            print(f"  {stage:10s} {pipeline:10s} workers={count}: "
-                  f"{rows[-1]['images_per_second']:.0f} images/s", file=sys.stderr)
+            rows.append(
+                run_child(script, {"stage": stage, "pipeline": pipeline, "child_workers": count, **options})
+            )
+            print(
+                f"  {stage:10s} {pipeline:10s} workers={count}: {rows[-1]['images_per_second']:.0f} images/s",
+                file=sys.stderr,
+            )
         best = max(r["images_per_second"] for r in rows if r["pipeline"] == "dataloader")
         for r in rows:
             r["vs_best_dataloader"] = r["images_per_second"] / best
@@ -106,8 +119,9 @@ def compare_pipelines(script: str, stages: list[str], workers: list[int],
     return records
 
 
-def report(records: list[dict[str, Any]], columns: list[str], footer: str | None,
-           json_path: Path | None) -> None:
+def report(
+    records: list[dict[str, Any]], columns: list[str], footer: str | None, json_path: Path | None
+) -> None:
     """Print ``records`` as a table of ``columns`` and the ``footer`` line; also write them as JSON
     to ``json_path`` when given."""
     print_table(records, columns)

@@ -1,5 +1,5 @@
-"""Benchmark: E expert students trained batched (:func:`mkdt.experts.train_experts`) vs one at a time
-(:func:`mkdt.experts.train_expert`), measured in the same run on random data of CIFAR shape
+"""Benchmark: E expert students trained batched (:func:`mkdt.train.kd.train_students`) vs one at a time
+(:func:`mkdt.train.kd.train_student`), measured in the same run on random data of CIFAR shape
 (3x32x32 images, 512-d targets, ConvNetD3 students, the experts' default SGD recipe).
 
 Usage::
@@ -28,22 +28,27 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import hardware, peak_memory, report  # noqa: E402
 
-from mkdt.config import ExpertsConfig  # noqa: E402
-from mkdt.experts import Trajectory, train_expert, train_experts  # noqa: E402
-from mkdt.models import ConvNet  # noqa: E402
+from mkdt.nn.models import ConvNet  # noqa: E402
 from mkdt.runtime import seeded  # noqa: E402
+from mkdt.train.kd import KDRecipe, Trajectory, train_student, train_students  # noqa: E402
 
 QUICK = {"experts": 4, "width": 32, "images": 4096, "epochs": 1}
 DEFAULTS = {"experts": 10, "width": 128, "images": 10000, "epochs": 1}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true",
-                        help=f"small run for a 2-core CPU (defaults become {QUICK})")
-    parser.add_argument("--device", choices=("cpu", "cuda"), default=None,
-                        help="where to train (default: cuda if available, else cpu)")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--quick", action="store_true", help=f"small run for a 2-core CPU (defaults become {QUICK})"
+    )
+    parser.add_argument(
+        "--device",
+        choices=("cpu", "cuda"),
+        default=None,
+        help="where to train (default: cuda if available, else cpu)",
+    )
     parser.add_argument("--experts", type=int, help=f"E, students per mode (default {DEFAULTS['experts']})")
     parser.add_argument("--width", type=int, help=f"ConvNet width (default {DEFAULTS['width']})")
     parser.add_argument("--images", type=int, help=f"random training images (default {DEFAULTS['images']})")
@@ -79,7 +84,7 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     gen = torch.Generator().manual_seed(0)
     inputs = torch.randn(args.images, 3, 32, 32, generator=gen).to(device)
     targets = torch.randn(args.images, 512, generator=gen).to(device)
-    recipe = ExpertsConfig(epochs=args.epochs, batch_size=args.batch_size)
+    recipe = KDRecipe(epochs=args.epochs, batch_size=args.batch_size)
     save_epochs = list(range(args.epochs + 1))
 
     def student(k: int) -> ConvNet:
@@ -89,17 +94,24 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     def batches(k: int) -> torch.Generator:
         return torch.Generator(device=device).manual_seed(1000 + k)
 
-    def one_at_a_time(images: torch.Tensor, z: torch.Tensor, rec: ExpertsConfig) -> list[Trajectory]:
-        return [train_expert(student(k), images, z, rec, save_epochs, batches(k))
-                for k in range(args.experts)]
+    def one_at_a_time(images: torch.Tensor, z: torch.Tensor, rec: KDRecipe) -> list[Trajectory]:
+        return [
+            train_student(student(k), images, z, rec, save_epochs, batches(k)) for k in range(args.experts)
+        ]
 
-    def batched(images: torch.Tensor, z: torch.Tensor, rec: ExpertsConfig) -> list[Trajectory]:
-        return train_experts([student(k) for k in range(args.experts)], images, z, rec, save_epochs,
-                             [batches(k) for k in range(args.experts)])
+    def batched(images: torch.Tensor, z: torch.Tensor, rec: KDRecipe) -> list[Trajectory]:
+        return train_students(
+            [student(k) for k in range(args.experts)],
+            images,
+            z,
+            rec,
+            save_epochs,
+            [batches(k) for k in range(args.experts)],
+        )
 
-    warm = ExpertsConfig(epochs=args.epochs, batch_size=min(args.batch_size, args.images))
+    warm = KDRecipe(epochs=args.epochs, batch_size=min(args.batch_size, args.images))
     for mode in (one_at_a_time, batched):  # first calls: allocator, cuDNN autotuning, vmap tracing
-        mode(inputs[:warm.batch_size], targets[:warm.batch_size], warm)
+        mode(inputs[: warm.batch_size], targets[: warm.batch_size], warm)
 
     rows, reference = [], None
     for name, mode in (("one-at-a-time", one_at_a_time), ("batched", batched)):
@@ -107,22 +119,49 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
         final = torch.stack([t.params[-1] for t in trajs])
         reference = final if reference is None else reference
         per_hour = args.experts / seconds * 3600
-        rows.append({
-            "mode": name, "experts": args.experts, "width": args.width, "images": args.images,
-            "epochs": args.epochs, "batch_size": args.batch_size, "seconds": seconds,
-            "students_per_hour": per_hour,
-            "ratio": per_hour / rows[0]["students_per_hour"] if rows else 1.0,
-            "peak_mb": peak, "max_weight_diff": (final - reference).abs().max().item(),
-            "device": device.type, "hardware": hardware(device), "torch": torch.__version__,
-        })
+        rows.append(
+            {
+                "mode": name,
+                "experts": args.experts,
+                "width": args.width,
+                "images": args.images,
+                "epochs": args.epochs,
+                "batch_size": args.batch_size,
+                "seconds": seconds,
+                "students_per_hour": per_hour,
+                "ratio": per_hour / rows[0]["students_per_hour"] if rows else 1.0,
+                "peak_mb": peak,
+                "max_weight_diff": (final - reference).abs().max().item(),
+                "device": device.type,
+                "hardware": hardware(device),
+                "torch": torch.__version__,
+            }
+        )
     return rows
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     rows = run(args)
-    report(rows, ["mode", "experts", "width", "images", "epochs", "seconds", "students_per_hour",
-                  "ratio", "peak_mb", "max_weight_diff", "hardware", "torch"], None, args.json)
+    report(
+        rows,
+        [
+            "mode",
+            "experts",
+            "width",
+            "images",
+            "epochs",
+            "seconds",
+            "students_per_hour",
+            "ratio",
+            "peak_mb",
+            "max_weight_diff",
+            "hardware",
+            "torch",
+        ],
+        None,
+        args.json,
+    )
 
 
 if __name__ == "__main__":

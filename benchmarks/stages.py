@@ -42,25 +42,32 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import hardware, report  # noqa: E402
 
-from mkdt.artifacts import RunDir  # noqa: E402
 from mkdt.config import Config, load_config  # noqa: E402
-from mkdt.experts import AUTO_PARALLEL  # noqa: E402
-from mkdt.pipeline import STAGES  # noqa: E402
-from mkdt.runtime import load_real, resolve_device  # noqa: E402
+from mkdt.data.real import load_real  # noqa: E402
+from mkdt.pipeline import RUNNERS  # noqa: E402
+from mkdt.runtime import Runtime, resolve_device  # noqa: E402
+from mkdt.stages.experts import AUTO_PARALLEL  # noqa: E402
+from mkdt.store import RunDir  # noqa: E402
 
 TEACHER_EPOCHS = 3
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--preset", default="demo", help="preset to estimate (default demo)")
     parser.add_argument("--config", metavar="FILE", help="YAML file of config keys, after the preset")
-    parser.add_argument("--out", type=Path, help="scratch run directory (default runs/stage-times/PRESET); "
-                                                 "emptied first")
-    parser.add_argument("--iterations", type=int, default=20,
-                        help="distillation iterations run (default 20; with 5 the demo's per-iteration time "
-                             "came out 1.6x too high: the warm-up spans several iterations)")
+    parser.add_argument(
+        "--out", type=Path, help="scratch run directory (default runs/stage-times/PRESET); emptied first"
+    )
+    parser.add_argument(
+        "--iterations",
+        type=int,
+        default=20,
+        help="distillation iterations run (default 20; with 5 the demo's per-iteration time "
+        "came out 1.6x too high: the warm-up spans several iterations)",
+    )
     parser.add_argument("--json", type=Path, help="also write the rows to this JSON file")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
     args = parser.parse_args(argv)
@@ -90,17 +97,26 @@ def estimate(full: Config, args: argparse.Namespace) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
 
     def row(stage: str, measured: float, ran: str, full_amount: str, estimate_s: float, how: str) -> None:
-        rows.append({"stage": stage, "measured_seconds": measured, "ran": ran, "full": full_amount,
-                     "estimated_seconds": estimate_s, "how": how})
+        rows.append(
+            {
+                "stage": stage,
+                "measured_seconds": measured,
+                "ran": ran,
+                "full": full_amount,
+                "estimated_seconds": estimate_s,
+                "how": how,
+            }
+        )
 
     def run(stage: str) -> dict[str, Any]:
-        STAGES[stage](small, args.out, data=data)
+        RUNNERS[stage](small, args.out, real=real, runtime=runtime)
         return _record(args.out, stage)
 
     shutil.rmtree(args.out, ignore_errors=True)
     args.out.mkdir(parents=True)
     t0 = time.perf_counter()
-    data = load_real(small)
+    runtime = Runtime.create(small.device, small.precision, small.channels_last, small.compile)
+    real = load_real(small.data, small.seed, runtime.device)
     loading = time.perf_counter() - t0
     row("data", loading, "load D_real", "load D_real", loading, "measured")
 
@@ -111,16 +127,28 @@ def estimate(full: Config, args: argparse.Namespace) -> list[dict[str, Any]]:
         epochs = record["result"]["epoch_seconds"]
         per_epoch = statistics.median(epochs[1:])  # steady state; epoch 1 also warms up
         rest = record["seconds"] - per_epoch * len(epochs)  # warm-up, encoder save, probe
-        row("teacher", record["seconds"], f"{len(epochs)} epochs", f"{t.epochs} epochs",
-            rest + per_epoch * t.epochs, f"{rest:.3g} s + {per_epoch:.3g} s/epoch")
+        row(
+            "teacher",
+            record["seconds"],
+            f"{len(epochs)} epochs",
+            f"{t.epochs} epochs",
+            rest + per_epoch * t.epochs,
+            f"{rest:.3g} s + {per_epoch:.3g} s/epoch",
+        )
 
     s = run("targets")["seconds"]
     row("targets", s, "all images", "all images", s, "measured")
 
     for stage in ("experts", "init"):
         s = run(stage)["seconds"]
-        row(stage, s, f"{group} experts", f"{e.num_experts} experts", s * e.num_experts / group,
-            f"x {e.num_experts}/{group}")
+        row(
+            stage,
+            s,
+            f"{group} experts",
+            f"{e.num_experts} experts",
+            s * e.num_experts / group,
+            f"x {e.num_experts}/{group}",
+        )
 
     record = run("distill")
     s, result = record["seconds"], record["result"]
@@ -128,12 +156,24 @@ def estimate(full: Config, args: argparse.Namespace) -> list[dict[str, Any]]:
     first = result["seconds_first_iteration"]
     per_it = (loop - first) / (iterations - 1) if iterations > 1 else loop  # steady state
     rest = s - per_it * iterations  # set-up and the first iteration's warm-up
-    row("distill", s, f"{iterations} iterations", f"{d.iterations} iterations", rest + per_it * d.iterations,
-        f"{rest:.3g} s + {per_it:.3g} s/it ({result['backend']})")
+    row(
+        "distill",
+        s,
+        f"{iterations} iterations",
+        f"{d.iterations} iterations",
+        rest + per_it * d.iterations,
+        f"{rest:.3g} s + {per_it:.3g} s/it ({result['backend']})",
+    )
 
     s = run("evaluate")["seconds"]
-    row("evaluate", s, f"{len(v.methods)} methods x 1 seed", f"{len(v.methods)} methods x {v.seeds} seeds",
-        s * v.seeds, f"x {v.seeds}")
+    row(
+        "evaluate",
+        s,
+        f"{len(v.methods)} methods x 1 seed",
+        f"{len(v.methods)} methods x {v.seeds} seeds",
+        s * v.seeds,
+        f"x {v.seeds}",
+    )
     return rows
 
 
@@ -145,14 +185,25 @@ def main(argv: list[str] | None = None) -> None:
     device = hardware(resolve_device(full.device))
     for r in rows:
         r["device"] = device
-    rows.append({"stage": "total", "measured_seconds": sum(r["measured_seconds"] for r in rows),
-                 "ran": "", "full": "", "estimated_seconds": sum(r["estimated_seconds"] for r in rows),
-                 "how": "sum", "device": device})
-    report(rows, ["stage", "measured_seconds", "ran", "full", "estimated_seconds", "how"],
-           f"preset {args.preset} {' '.join(args.overrides)}; device: {device}; this estimate took "
-           f"{time.perf_counter() - start:.0f} s; estimated full run "
-           f"{rows[-1]['estimated_seconds'] / 60:.1f} min",
-           args.json)
+    rows.append(
+        {
+            "stage": "total",
+            "measured_seconds": sum(r["measured_seconds"] for r in rows),
+            "ran": "",
+            "full": "",
+            "estimated_seconds": sum(r["estimated_seconds"] for r in rows),
+            "how": "sum",
+            "device": device,
+        }
+    )
+    report(
+        rows,
+        ["stage", "measured_seconds", "ran", "full", "estimated_seconds", "how"],
+        f"preset {args.preset} {' '.join(args.overrides)}; device: {device}; this estimate took "
+        f"{time.perf_counter() - start:.0f} s; estimated full run "
+        f"{rows[-1]['estimated_seconds'] / 60:.1f} min",
+        args.json,
+    )
 
 
 if __name__ == "__main__":

@@ -49,8 +49,9 @@ from teacher import WorkersMemory, random_data, synchronize  # noqa: E402
 
 from mkdt.config import ModelConfig, TargetsConfig, TeacherConfig  # noqa: E402
 from mkdt.data import ImageData  # noqa: E402
+from mkdt.nn.models import build_network  # noqa: E402
 from mkdt.runtime import seeded  # noqa: E402
-from mkdt.teacher import build_encoder, encode  # noqa: E402
+from mkdt.train.kd import encode  # noqa: E402
 
 
 class PerImageInputs(Dataset):
@@ -58,8 +59,9 @@ class PerImageInputs(Dataset):
 
     def __init__(self, data: ImageData) -> None:
         self.arrays = data.train_images.permute(0, 2, 3, 1).contiguous().numpy()
-        self.transform = v2.Compose([v2.ToImage(), v2.ToDtype(torch.float32, scale=True),
-                                     v2.Normalize(data.mean, data.std)])
+        self.transform = v2.Compose(
+            [v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(data.mean, data.std)]
+        )
 
     def __len__(self) -> int:
         return len(self.arrays)
@@ -68,18 +70,20 @@ class PerImageInputs(Dataset):
         return self.transform(Image.fromarray(self.arrays[i]))
 
 
-def reference_batches(data: ImageData, batch: int, device: torch.device,
-                      workers: int) -> Callable[[], Iterator[torch.Tensor]]:
+def reference_batches(
+    data: ImageData, batch: int, device: torch.device, workers: int
+) -> Callable[[], Iterator[torch.Tensor]]:
     """Passes over the reference's normalised input batches, in order, on ``device``."""
-    loader = DataLoader(PerImageInputs(data), batch_size=batch, num_workers=workers,
-                        pin_memory=device.type == "cuda")
+    loader = DataLoader(
+        PerImageInputs(data), batch_size=batch, num_workers=workers, pin_memory=device.type == "cuda"
+    )
     return lambda: (x.to(device, non_blocking=True) for x in loader)
 
 
 def mkdt_batches(data: ImageData, batch: int, device: torch.device) -> Callable[[], Iterator[torch.Tensor]]:
     """Passes over encode's input batches: normalised slices of the device-resident uint8 images."""
     images = data.train_images.to(device)
-    return lambda: (data.normalize(images[i:i + batch]) for i in range(0, len(images), batch))
+    return lambda: (data.normalize(images[i : i + batch]) for i in range(0, len(images), batch))
 
 
 def check_inputs(device: torch.device) -> None:
@@ -97,20 +101,25 @@ def reference_encode(encoder: nn.Module, batches: Iterator[torch.Tensor]) -> tor
     return torch.cat([encoder.features(x).float().cpu() for x in batches])
 
 
-def timed_pass(args: argparse.Namespace, data: ImageData, device: torch.device,
-               workers: int | None) -> Callable[[], object]:
+def timed_pass(
+    args: argparse.Namespace, data: ImageData, device: torch.device, workers: int | None
+) -> Callable[[], object]:
     """The pass to time for one configuration (``workers`` None: mkdt), after a warm-up batch."""
     if args.stage == "data":
-        batches = (mkdt_batches(data, args.batch, device) if workers is None
-                   else reference_batches(data, args.batch, device, workers))
+        batches = (
+            mkdt_batches(data, args.batch, device)
+            if workers is None
+            else reference_batches(data, args.batch, device, workers)
+        )
         next(batches())
         return lambda: deque(batches(), maxlen=0)
     with seeded(0):
-        encoder = build_encoder(ModelConfig(arch="resnet18", width=args.width), data).to(device)
+        model = ModelConfig(arch="resnet18", width=args.width)
+        encoder = build_network(model, data.channels, data.image_size, None).to(device)
     if workers is None:
         images = data.train_images.to(device)
-        encode(encoder, images[:args.batch], data, args.batch, device)
-        return lambda: encode(encoder, images, data, args.batch, device)
+        encode(encoder, images[: args.batch], args.batch, normalize=data.normalize)
+        return lambda: encode(encoder, images, args.batch, normalize=data.normalize)
     batches = reference_batches(data, args.batch, device, workers)
     reference_encode(encoder, iter([next(batches())]))
     return lambda: reference_encode(encoder, batches())
@@ -128,26 +137,43 @@ def child(args: argparse.Namespace) -> dict:
         run()
         synchronize(device)
         seconds = time.perf_counter() - start
-    return {"stage": args.stage, "pipeline": args.pipeline, "workers": workers,
-            "width": args.width if args.stage == "encode" else None, "batch": args.batch,
-            "batches": args.batches, "images_per_second": args.batches * args.batch / seconds,
-            "peak_memory_mb": peak.mb,
-            "workers_private_mb": workers_memory.peak_mb if workers else None,
-            "device": hardware(device), "torch": torch.__version__}
+    return {
+        "stage": args.stage,
+        "pipeline": args.pipeline,
+        "workers": workers,
+        "width": args.width if args.stage == "encode" else None,
+        "batch": args.batch,
+        "batches": args.batches,
+        "images_per_second": args.batches * args.batch / seconds,
+        "peak_memory_mb": peak.mb,
+        "workers_private_mb": workers_memory.peak_mb if workers else None,
+        "device": hardware(device),
+        "torch": torch.__version__,
+    }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true",
-                        help="width 32, 2 batches of 1024 (< 3 min on 2 CPU cores)")
+    parser.add_argument(
+        "--quick", action="store_true", help="width 32, 2 batches of 1024 (< 3 min on 2 CPU cores)"
+    )
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--batch", type=int, default=TargetsConfig().batch_size,
-                        help="images per forward pass (default: targets.batch_size)")
+    parser.add_argument(
+        "--batch",
+        type=int,
+        default=TargetsConfig().batch_size,
+        help="images per forward pass (default: targets.batch_size)",
+    )
     parser.add_argument("--batches", type=int, default=5, help="timed batches")
-    parser.add_argument("--width", type=int, default=TeacherConfig().model.width,
-                        help="ResNet-18 width (default: the teacher's)")
-    parser.add_argument("--workers", type=int, nargs="+", default=[0, 2],
-                        help="DataLoader num_workers values to measure")
+    parser.add_argument(
+        "--width",
+        type=int,
+        default=TeacherConfig().model.width,
+        help="ResNet-18 width (default: the teacher's)",
+    )
+    parser.add_argument(
+        "--workers", type=int, nargs="+", default=[0, 2], help="DataLoader num_workers values to measure"
+    )
     parser.add_argument("--stages", nargs="+", default=["data", "encode"], choices=["data", "encode"])
     parser.add_argument("--json", type=Path, help="also write the records to this JSON file")
     parser.add_argument("--stage", help=argparse.SUPPRESS)
@@ -160,11 +186,20 @@ def main() -> None:
         print(json.dumps(child(args)))
         return
     check_inputs(torch.device(args.device))
-    records = compare_pipelines(__file__, args.stages, args.workers, {
-        "device": args.device, "batch": args.batch, "batches": args.batches, "width": args.width})
-    report(records, PIPELINE_COLUMNS,
-           f"batch {args.batch}, 3x32x32, inputs of both pipelines checked equal; "
-           f"device: {records[0]['device']}; torch {torch.__version__}", args.json)
+    records = compare_pipelines(
+        __file__,
+        args.stages,
+        args.workers,
+        {"device": args.device, "batch": args.batch, "batches": args.batches, "width": args.width},
+    )
+    report(
+        records,
+        PIPELINE_COLUMNS,
+        f"batch {args.batch}, 3x32x32, inputs of both pipelines checked equal; "
+        f"device: {records[0]['device']}; torch {torch.__version__}",
+        args.json,
+    )
+
 
 if __name__ == "__main__":
     main()

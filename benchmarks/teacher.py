@@ -5,7 +5,7 @@ random draws; mkdt's jitter order is fixed and its hue shift is the YIQ rotation
 :mod:`mkdt.augment`), batch ``--batch``, random uint8 3x32x32 images, CIFAR-10 statistics:
 
 - ``mkdt``: the images resident on the device as uint8, index batches of a seeded permutation,
-  :class:`mkdt.augment.SSLAugment` two views per batch (:func:`mkdt.teacher.epoch_views`, the loop
+  :class:`mkdt.nn.augment.SSLAugment` two views per batch (:func:`mkdt.train.ssl.epoch_views`, the loop
   of ``train_teacher``);
 - ``dataloader``: the torchvision-CIFAR pattern: a Dataset over uint8 HWC arrays making a PIL image
   per item and applying a per-image ``torchvision.transforms.v2`` Compose per view with the
@@ -56,12 +56,13 @@ from torchvision.transforms import v2
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import PIPELINE_COLUMNS, compare_pipelines, hardware, peak_memory, report  # noqa: E402
 
-from mkdt.augment import SSLAugment  # noqa: E402
 from mkdt.config import ModelConfig, TeacherConfig  # noqa: E402
 from mkdt.data import ImageData  # noqa: E402
+from mkdt.nn.augment import SSLAugment  # noqa: E402
+from mkdt.nn.models import build_network  # noqa: E402
+from mkdt.nn.ssl import BarlowTwinsLoss, barlow_twins_projector  # noqa: E402
 from mkdt.runtime import generator, seeded  # noqa: E402
-from mkdt.ssl import BarlowTwinsLoss, barlow_twins_projector  # noqa: E402
-from mkdt.teacher import build_encoder, epoch_views  # noqa: E402
+from mkdt.train.ssl import epoch_views  # noqa: E402
 
 CIFAR10_STATS = ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616))
 Views = tuple[torch.Tensor, torch.Tensor]
@@ -72,8 +73,15 @@ def random_data(n: int, size: int = 32, seed: int = 0) -> ImageData:
     gen = torch.Generator().manual_seed(seed)
     images = torch.randint(0, 256, (n, 3, size, size), dtype=torch.uint8, generator=gen)
     labels = torch.randint(0, 10, (n,), generator=gen)
-    return ImageData("random", images, labels, images[:2].clone(), labels[:2].clone(),
-                     tuple(str(c) for c in range(10)), *CIFAR10_STATS)
+    return ImageData(
+        "random",
+        images,
+        labels,
+        images[:2].clone(),
+        labels[:2].clone(),
+        tuple(str(c) for c in range(10)),
+        *CIFAR10_STATS,
+    )
 
 
 def reference_transform(augment: SSLAugment, view: int) -> v2.Compose:
@@ -89,8 +97,7 @@ def reference_transform(augment: SSLAugment, view: int) -> v2.Compose:
         steps.append(v2.RandomApply([blur], p=augment.blur_p[view]))
     if augment.solarize_p[view] > 0:
         steps.append(v2.RandomSolarize(128, p=augment.solarize_p[view]))
-    steps += [v2.ToImage(), v2.ToDtype(torch.float32, scale=True),
-              v2.Normalize(augment.mean, augment.std)]
+    steps += [v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(augment.mean, augment.std)]
     return v2.Compose(steps)
 
 
@@ -117,12 +124,20 @@ def mkdt_pipeline(data: ImageData, batch: int, device: torch.device) -> Callable
     return lambda: epoch_views(images, augment, "barlow_twins", batch, gen)
 
 
-def dataloader_pipeline(data: ImageData, batch: int, device: torch.device,
-                        workers: int) -> Callable[[], Iterable[Views]]:
+def dataloader_pipeline(
+    data: ImageData, batch: int, device: torch.device, workers: int
+) -> Callable[[], Iterable[Views]]:
     """Epochs of the reference views: DataLoader over per-image transforms, moved to ``device``."""
     dataset = PerImageViews(data.train_images, SSLAugment(data.image_size, data.mean, data.std))
-    loader = DataLoader(dataset, batch_size=batch, shuffle=True, drop_last=True, num_workers=workers,
-                        pin_memory=device.type == "cuda", generator=torch.Generator().manual_seed(0))
+    loader = DataLoader(
+        dataset,
+        batch_size=batch,
+        shuffle=True,
+        drop_last=True,
+        num_workers=workers,
+        pin_memory=device.type == "cuda",
+        generator=torch.Generator().manual_seed(0),
+    )
 
     def epoch() -> Iterator[Views]:
         for view1, view2 in loader:
@@ -135,12 +150,17 @@ def train_step(width: int, data: ImageData, device: torch.device, batch: int) ->
     """One Barlow Twins step of the teacher recipe (ResNet-18 of ``width``, projector, Adam)."""
     t = TeacherConfig()
     with seeded(0):
-        encoder = build_encoder(ModelConfig(arch="resnet18", width=width), data).to(device).train()
+        encoder = (
+            build_network(ModelConfig(arch="resnet18", width=width), data.channels, data.image_size, None)
+            .to(device)
+            .train()
+        )
         projector = barlow_twins_projector(encoder.feature_dim, t.projector_dim, t.projector_dim)
     projector = projector.to(device).train()
     loss_fn = BarlowTwinsLoss(lambda_offdiag=t.bt_lambda)
-    optimizer = torch.optim.Adam([*encoder.parameters(), *projector.parameters()],
-                                 lr=t.lr * batch / 256, weight_decay=t.weight_decay)
+    optimizer = torch.optim.Adam(
+        [*encoder.parameters(), *projector.parameters()], lr=t.lr * batch / 256, weight_decay=t.weight_decay
+    )
 
     def step(views: Views) -> None:
         loss = loss_fn(projector(encoder.features(views[0])), projector(encoder.features(views[1])))
@@ -227,28 +247,42 @@ def child(args: argparse.Namespace) -> dict:
                 consume(views)
         synchronize(device)
         seconds = time.perf_counter() - start
-    return {"stage": args.stage, "pipeline": args.pipeline, "workers": workers,
-            "width": args.width if consume is not None else None, "batch": args.batch,
-            "batches": batches, "images_per_second": batches * args.batch / seconds,
-            "peak_memory_mb": peak.mb,
-            "workers_private_mb": workers_memory.peak_mb if workers else None, "device": hardware(device),
-            "torch": torch.__version__}
+    return {
+        "stage": args.stage,
+        "pipeline": args.pipeline,
+        "workers": workers,
+        "width": args.width if consume is not None else None,
+        "batch": args.batch,
+        "batches": batches,
+        "images_per_second": batches * args.batch / seconds,
+        "peak_memory_mb": peak.mb,
+        "workers_private_mb": workers_memory.peak_mb if workers else None,
+        "device": hardware(device),
+        "torch": torch.__version__,
+    }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true",
-                        help="width 16, 8 data batches, 3 train-step batches (< 3 min on 2 CPU cores)")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="width 16, 8 data batches, 3 train-step batches (< 3 min on 2 CPU cores)",
+    )
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--batch", type=int, default=256, help="images per batch (two views each)")
     parser.add_argument("--batches", type=int, default=20, help="timed batches of the data stage")
     parser.add_argument("--train-batches", type=int, default=5, help="timed batches of train_step")
-    parser.add_argument("--width", type=int, default=TeacherConfig().model.width,
-                        help="ResNet-18 width of the train step (default: the teacher's)")
-    parser.add_argument("--workers", type=int, nargs="+", default=[0, 2],
-                        help="DataLoader num_workers values to measure")
-    parser.add_argument("--stages", nargs="+", default=["data", "train_step"],
-                        choices=["data", "train_step"])
+    parser.add_argument(
+        "--width",
+        type=int,
+        default=TeacherConfig().model.width,
+        help="ResNet-18 width of the train step (default: the teacher's)",
+    )
+    parser.add_argument(
+        "--workers", type=int, nargs="+", default=[0, 2], help="DataLoader num_workers values to measure"
+    )
+    parser.add_argument("--stages", nargs="+", default=["data", "train_step"], choices=["data", "train_step"])
     parser.add_argument("--json", type=Path, help="also write the records to this JSON file")
     parser.add_argument("--stage", help=argparse.SUPPRESS)
     parser.add_argument("--pipeline", help=argparse.SUPPRESS)
@@ -259,12 +293,25 @@ def main() -> None:
     if args.stage is not None:
         print(json.dumps(child(args)))
         return
-    records = compare_pipelines(__file__, args.stages, args.workers, {
-        "device": args.device, "batch": args.batch, "batches": args.batches,
-        "train_batches": args.train_batches, "width": args.width})
-    report(records, PIPELINE_COLUMNS,
-           f"batch {args.batch}, 3x32x32; device: {records[0]['device']}; torch {torch.__version__}",
-           args.json)
+    records = compare_pipelines(
+        __file__,
+        args.stages,
+        args.workers,
+        {
+            "device": args.device,
+            "batch": args.batch,
+            "batches": args.batches,
+            "train_batches": args.train_batches,
+            "width": args.width,
+        },
+    )
+    report(
+        records,
+        PIPELINE_COLUMNS,
+        f"batch {args.batch}, 3x32x32; device: {records[0]['device']}; torch {torch.__version__}",
+        args.json,
+    )
+
 
 if __name__ == "__main__":
     main()

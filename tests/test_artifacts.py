@@ -1,17 +1,10 @@
 import pytest
 import torch
 
-from mkdt.artifacts import (
-    RunDir,
-    atomic_path,
-    derive_seed,
-    fingerprint,
-    load_checkpoint,
-    load_tensors,
-    save_checkpoint,
-    save_tensors,
-)
 from mkdt.errors import ArtifactError
+from mkdt.files import atomic_path, fingerprint, load_checkpoint, load_tensors, save_checkpoint, save_tensors
+from mkdt.runtime import derive_seed
+from mkdt.store import RunDir
 
 
 def test_tensors_round_trip_with_metadata(tmp_path):

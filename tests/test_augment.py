@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from mkdt.augment import SSLAugment
+from mkdt.nn.augment import SSLAugment
 
 MEAN, STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
 OFF = dict(
@@ -56,9 +56,9 @@ def test_deterministic_for_a_seed_and_different_for_another():
 def test_per_sample_crops_differ():
     # the same image repeated: every copy must get its own crop
     x = images(b=1).expand(8, -1, -1, -1).contiguous()
-    out = SSLAugment(
-        32, MEAN, STD, **{**OFF, "crop_scale": (0.2, 1.0), "crop_ratio": (0.75, 4 / 3)}
-    )(x, gen(0))
+    out = SSLAugment(32, MEAN, STD, **{**OFF, "crop_scale": (0.2, 1.0), "crop_ratio": (0.75, 4 / 3)})(
+        x, gen(0)
+    )
     flat = out.flatten(1)
     assert all(not torch.allclose(flat[i], flat[j]) for i in range(8) for j in range(i + 1, 8))
 
@@ -114,9 +114,7 @@ def test_color_jitter_is_per_sample_and_keeps_range():
 
 def test_hue_rotation_leaves_gray_pixels_unchanged():
     gray = torch.full((4, 3, 8, 8), 100, dtype=torch.uint8)
-    aug = SSLAugment(
-        8, (0.0,) * 3, (1.0,) * 3, **{**OFF, "jitter_p": 1.0, "jitter": (0, 0, 0, 0.5)}
-    )
+    aug = SSLAugment(8, (0.0,) * 3, (1.0,) * 3, **{**OFF, "jitter_p": 1.0, "jitter": (0, 0, 0, 0.5)})
     assert torch.allclose(aug(gray, gen(0)), gray.float() / 255, atol=1e-5)
 
 

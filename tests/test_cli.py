@@ -25,8 +25,14 @@ def test_user_mistakes_print_one_line_and_exit_2(capsys, tmp_path):
 
 
 def test_run_writes_manifest_and_resumes(tmp_path, capsys):
-    args = ["run", "--out", str(tmp_path / "run"), *TINY, f"data.cache_dir={tmp_path / 'c'}",
-            "teacher.epochs=1"]
+    args = [
+        "run",
+        "--out",
+        str(tmp_path / "run"),
+        *TINY,
+        f"data.cache_dir={tmp_path / 'c'}",
+        "teacher.epochs=1",
+    ]
     assert main(args) == 0
     manifest = json.loads((tmp_path / "run/manifest.json").read_text())
     assert set(manifest["stages"]) == {"teacher", "targets", "experts", "init", "distill", "evaluate"}

@@ -20,36 +20,48 @@ def test_merge_order_defaults_preset_file_overrides(tmp_path):
     f = tmp_path / "c.yaml"
     f.write_text("experts:\n  lr: 0.05\n  epochs: 6\n")
     c = load_config("demo", str(f), ["experts.epochs=7", "teacher.model.width=8"])
-    assert c.data.name == "digits"            # preset
-    assert c.experts.lr == 0.05               # file over preset and defaults
-    assert c.experts.epochs == 7              # override over file
+    assert c.data.name == "digits"  # preset
+    assert c.experts.lr == 0.05  # file over preset and defaults
+    assert c.experts.epochs == 7  # override over file
     assert c.teacher.model.width == 8 and c.teacher.model.arch == "resnet18"
 
 
 def test_override_values_are_typed():
-    c = load_config("demo", None, ["experts.lr=1e-3", "data.pool_size=100", "data.download=true",
-                                   "experts.save_epochs=[0,1,2,3,4]", "data.root=null"])
+    c = load_config(
+        "demo",
+        None,
+        [
+            "experts.lr=1e-3",
+            "data.pool_size=100",
+            "data.download=true",
+            "experts.save_epochs=[0,1,2,3,4]",
+            "data.root=null",
+        ],
+    )
     assert c.experts.lr == 1e-3 and isinstance(c.experts.lr, float)
     assert c.data.pool_size == 100 and c.data.download is True and c.data.root is None
     assert c.experts.save_epochs == [0, 1, 2, 3, 4]
 
 
-@pytest.mark.parametrize("override, message", [
-    ("experts.lrr=1", "did you mean experts.lr"),
-    ("nope=1", "unknown config key 'nope'"),
-    ("experts.lr=abc", "must be float"),
-    ("experts.num_experts=2.5", "must be int"),
-    ("experts.num_experts=0", "experts.num_experts"),
-    ("data.download=maybe", "must be bool"),
-    ("teacher.method=byol", "barlow_twins or simclr"),
-    ("teacher.model.arch=vit", "convnet, resnet10 or resnet18"),
-    ("experts.save_epochs=[0,2]", "must include [1, 3]"),
-    ("experts.save_epochs=[0,1,2,3,99]", "outside"),
-    ("distill.max_start_epoch=9", "exceeds experts.epochs"),
-    ("teacher.checkpoint=/no/such/file.pt", "file not found"),
-    ("device=tpu", "device"),
-    ("experts.lr", "key=value"),
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("experts.lrr=1", "did you mean experts.lr"),
+        ("nope=1", "unknown config key 'nope'"),
+        ("experts.lr=abc", "must be float"),
+        ("experts.num_experts=2.5", "must be int"),
+        ("experts.num_experts=0", "experts.num_experts"),
+        ("data.download=maybe", "must be bool"),
+        ("teacher.method=byol", "barlow_twins or simclr"),
+        ("teacher.model.arch=vit", "convnet, resnet10 or resnet18"),
+        ("experts.save_epochs=[0,2]", "must include [1, 3]"),
+        ("experts.save_epochs=[0,1,2,3,99]", "outside"),
+        ("distill.max_start_epoch=9", "exceeds experts.epochs"),
+        ("teacher.checkpoint=/no/such/file.pt", "file not found"),
+        ("device=tpu", "device"),
+        ("experts.lr", "key=value"),
+    ],
+)
 def test_bad_values_give_clear_errors(override, message):
     with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("]", r"\]")):
         load_config("demo", None, [override])
@@ -68,8 +80,9 @@ def test_misspelled_key_in_nested_dict_is_rejected():
 
 
 def test_default_expert_epochs_cover_init_and_distillation_and_final():
-    c = load_config("demo", None, ["distill.max_start_epoch=2", "distill.expert_epochs=2",
-                                   "experts.epochs=6"])
+    c = load_config(
+        "demo", None, ["distill.max_start_epoch=2", "distill.expert_epochs=2", "experts.epochs=6"]
+    )
     assert c.required_expert_epochs() == [0, 1, 2, 3]
     assert c.expert_save_epochs() == [0, 1, 2, 3, 6]
 

@@ -19,8 +19,7 @@ from PIL import Image
 from mkdt.data import DATASETS, ImageData, dataset_names, default_cache_dir, load_dataset
 from mkdt.errors import DataError
 
-CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse",
-                   "ship", "truck")
+CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 
 
 def rng_images(seed: int, n: int, shape: tuple[int, ...]) -> np.ndarray:
@@ -76,17 +75,32 @@ def write_cifar10(root: Path, per_batch: int = 3) -> dict[str, np.ndarray]:
     for i, file in enumerate([*(f"data_batch_{b}" for b in range(1, 6)), "test_batch"]):
         data = rng_images(i, per_batch, (3072,))
         batch_labels = [int(v) for v in rng.integers(0, 10, per_batch)]
-        write_pickle(folder / file, {
-            b"batch_label": f"batch {i}".encode(), b"labels": batch_labels, b"data": data,
-            b"filenames": [f"img_{i}_{j}.png".encode() for j in range(per_batch)],
-        })
+        write_pickle(
+            folder / file,
+            {
+                b"batch_label": f"batch {i}".encode(),
+                b"labels": batch_labels,
+                b"data": data,
+                b"filenames": [f"img_{i}_{j}.png".encode() for j in range(per_batch)],
+            },
+        )
         images.append(data.reshape(-1, 3, 32, 32))
         labels += batch_labels
-    write_pickle(folder / "batches.meta", {b"label_names": [c.encode() for c in CIFAR10_CLASSES],
-                                           b"num_cases_per_batch": per_batch, b"num_vis": 3072})
+    write_pickle(
+        folder / "batches.meta",
+        {
+            b"label_names": [c.encode() for c in CIFAR10_CLASSES],
+            b"num_cases_per_batch": per_batch,
+            b"num_vis": 3072,
+        },
+    )
     n_train = 5 * per_batch
-    return {"train_images": np.concatenate(images[:5]), "train_labels": np.array(labels[:n_train]),
-            "test_images": images[5], "test_labels": np.array(labels[n_train:])}
+    return {
+        "train_images": np.concatenate(images[:5]),
+        "train_labels": np.array(labels[:n_train]),
+        "test_images": images[5],
+        "test_labels": np.array(labels[n_train:]),
+    }
 
 
 def write_cifar100(root: Path) -> dict[str, np.ndarray]:
@@ -96,16 +110,25 @@ def write_cifar100(root: Path) -> dict[str, np.ndarray]:
     for split, n in (("train", 6), ("test", 4)):
         data = rng_images(n, n, (3072,))
         fine = list(range(n))
-        write_pickle(folder / split, {
-            b"filenames": [b"x.png"] * n, b"batch_label": split.encode(), b"fine_labels": fine,
-            b"coarse_labels": [0] * n, b"data": data,
-        })
+        write_pickle(
+            folder / split,
+            {
+                b"filenames": [b"x.png"] * n,
+                b"batch_label": split.encode(),
+                b"fine_labels": fine,
+                b"coarse_labels": [0] * n,
+                b"data": data,
+            },
+        )
         expected[f"{split}_images"] = data.reshape(-1, 3, 32, 32)
         expected[f"{split}_labels"] = np.array(fine)
-    write_pickle(folder / "meta", {
-        b"fine_label_names": [f"fine{i}".encode() for i in range(100)],
-        b"coarse_label_names": [f"coarse{i}".encode() for i in range(20)],
-    })
+    write_pickle(
+        folder / "meta",
+        {
+            b"fine_label_names": [f"fine{i}".encode() for i in range(100)],
+            b"coarse_label_names": [f"coarse{i}".encode() for i in range(20)],
+        },
+    )
     return expected
 
 
@@ -141,14 +164,20 @@ def idx_bytes(array: np.ndarray, magic: int) -> bytes:
 def write_fashion(folder: Path) -> dict[str, np.ndarray]:
     """The four idx files: train ones raw, t10k ones gzipped (both variants are accepted)."""
     folder.mkdir(parents=True, exist_ok=True)
-    expected = {"train_images": rng_images(2, 7, (28, 28)), "train_labels": np.arange(7) % 10,
-                "test_images": rng_images(3, 4, (28, 28)), "test_labels": np.array([9, 0, 5, 5])}
+    expected = {
+        "train_images": rng_images(2, 7, (28, 28)),
+        "train_labels": np.arange(7) % 10,
+        "test_images": rng_images(3, 4, (28, 28)),
+        "test_labels": np.array([9, 0, 5, 5]),
+    }
     (folder / "train-images-idx3-ubyte").write_bytes(idx_bytes(expected["train_images"], 2051))
     (folder / "train-labels-idx1-ubyte").write_bytes(idx_bytes(expected["train_labels"], 2049))
     (folder / "t10k-images-idx3-ubyte.gz").write_bytes(
-        gzip.compress(idx_bytes(expected["test_images"], 2051)))
+        gzip.compress(idx_bytes(expected["test_images"], 2051))
+    )
     (folder / "t10k-labels-idx1-ubyte.gz").write_bytes(
-        gzip.compress(idx_bytes(expected["test_labels"], 2049)))
+        gzip.compress(idx_bytes(expected["test_labels"], 2049))
+    )
     return expected
 
 
@@ -162,9 +191,10 @@ def write_tree(root: Path, splits: dict[str, dict[str, list[np.ndarray]]], ext: 
 
 def split_tree(n_train: int = 3, n_test: int = 2) -> dict[str, dict[str, list[np.ndarray]]]:
     """train/ and test/ with classes "cat" and "ant" (sorted: ant=0, cat=1), random 8x8 RGB."""
-    return {split: {name: list(rng_images(10 * s + c, n, (3, 8, 8)))
-                    for c, name in enumerate(("cat", "ant"))}
-            for s, (split, n) in enumerate((("train", n_train), ("test", n_test)))}
+    return {
+        split: {name: list(rng_images(10 * s + c, n, (3, 8, 8))) for c, name in enumerate(("cat", "ant"))}
+        for s, (split, n) in enumerate((("train", n_train), ("test", n_test)))
+    }
 
 
 def tar_folder(folder: Path, archive: Path, prefix: str, mode: str = "w:xz") -> Path:
@@ -196,8 +226,14 @@ def assert_matches(data: ImageData, expected: dict[str, np.ndarray]) -> None:
 
 
 def test_registry_names_and_default_cache_dir(monkeypatch, tmp_path):
-    assert dataset_names() == ["cifar10", "cifar100", "digits", "fashion-mnist", "imagefolder",
-                               "tinyimagenet"]
+    assert dataset_names() == [
+        "cifar10",
+        "cifar100",
+        "digits",
+        "fashion-mnist",
+        "imagefolder",
+        "tinyimagenet",
+    ]
     assert all(DATASETS[name].description for name in dataset_names())
     monkeypatch.setenv("MKDT_CACHE", str(tmp_path))
     assert default_cache_dir() == tmp_path
@@ -208,8 +244,16 @@ def test_registry_names_and_default_cache_dir(monkeypatch, tmp_path):
 def toy(counts: tuple[int, ...] = (10, 10, 10)) -> ImageData:
     labels = torch.cat([torch.full((n,), c, dtype=torch.int64) for c, n in enumerate(counts)])
     images = torch.arange(len(labels), dtype=torch.uint8).view(-1, 1, 1, 1).repeat(1, 1, 4, 4)
-    return ImageData("toy", images, labels, images[:2].clone(), labels[:2].clone(),
-                     tuple("abcde"[:len(counts)]), (0.5,), (0.25,))
+    return ImageData(
+        "toy",
+        images,
+        labels,
+        images[:2].clone(),
+        labels[:2].clone(),
+        tuple("abcde"[: len(counts)]),
+        (0.5,),
+        (0.25,),
+    )
 
 
 def test_subset_is_class_balanced_deterministic_and_keeps_test_split():
@@ -258,11 +302,13 @@ def test_digits_load_as_a_stratified_80_20_split(tmp_path):
     assert data.train_images.dtype == torch.uint8 and int(data.train_images.max()) == 255
     assert data.classes == tuple("0123456789") and data.image_size == 8 and data.channels == 1
     share = torch.bincount(data.test_labels) / torch.bincount(data.train_labels).add(
-        torch.bincount(data.test_labels))
+        torch.bincount(data.test_labels)
+    )
     assert torch.allclose(share, torch.full((10,), 0.2), atol=0.01)
     mean = data.train_images.double().div(255).mean().item()
     assert data.mean == pytest.approx((mean,)) and data.std[0] == pytest.approx(
-        data.train_images.double().div(255).std(unbiased=False).item())
+        data.train_images.double().div(255).std(unbiased=False).item()
+    )
     again = load_dataset("digits", cache_dir=tmp_path / "other")
     assert torch.equal(again.test_images, data.test_images)
 
@@ -296,11 +342,14 @@ def wrong_size(path: Path) -> None:
     write_pickle(path, {b"labels": [0, 1], b"data": np.zeros((2, 3000), np.uint8)})
 
 
-@pytest.mark.parametrize(("damage", "message"), [
-    (truncate, "cannot unpickle .*data_batch_3.*data.download=true"),
-    (wrong_size, r"data_batch_3 holds data .*\(N, 3072\)"),
-    (Path.unlink, "missing .*data_batch_3: CIFAR-10 needs data_batch_1"),
-])
+@pytest.mark.parametrize(
+    ("damage", "message"),
+    [
+        (truncate, "cannot unpickle .*data_batch_3.*data.download=true"),
+        (wrong_size, r"data_batch_3 holds data .*\(N, 3072\)"),
+        (Path.unlink, "missing .*data_batch_3: CIFAR-10 needs data_batch_1"),
+    ],
+)
 def test_damaged_cifar_batches_raise_data_error(tmp_path, damage, message):
     write_cifar10(tmp_path)
     damage(tmp_path / "cifar-10-batches-py/data_batch_3")
@@ -338,8 +387,15 @@ def test_cifar10_from_an_imagefolder_tar_xz_with_prefix_and_readme(tmp_path):
     assert data.classes == ("ant", "cat") and data.mean == (0.4914, 0.4822, 0.4465)
     train_images, train_labels = expected_from_tree(tree, "train")
     test_images, test_labels = expected_from_tree(tree, "test")
-    assert_matches(data, {"train_images": train_images, "train_labels": train_labels,
-                          "test_images": test_images, "test_labels": test_labels})
+    assert_matches(
+        data,
+        {
+            "train_images": train_images,
+            "train_labels": train_labels,
+            "test_images": test_images,
+            "test_labels": test_labels,
+        },
+    )
 
 
 # --- ImageFolder trees and archives -------------------------------------------------------------
@@ -363,8 +419,7 @@ def test_imagefolder_folder_and_archives_without_prefix_agree(tmp_path, kind):
     expected, labels = expected_from_tree(tree, "test")
     assert torch.equal(data.test_images, torch.from_numpy(expected))
     assert data.test_labels.tolist() == labels.tolist() and data.num_train == 6
-    assert data.mean == pytest.approx(
-        tuple(data.train_images.double().div(255).mean(dim=(0, 2, 3)).tolist()))
+    assert data.mean == pytest.approx(tuple(data.train_images.double().div(255).mean(dim=(0, 2, 3)).tolist()))
 
 
 def test_tree_without_split_holds_out_10_percent_per_class(tmp_path):
@@ -388,18 +443,25 @@ def test_grayscale_trees_keep_one_channel_and_mixed_ones_become_rgb(tmp_path):
     write_tree(tmp_path / "mixed", {"": {"x": list(gray), "y": list(rng_images(1, 2, (3, 8, 8)))}})
     data = load_dataset("imagefolder", tmp_path / "mixed", cache_dir=tmp_path / "cache")
     assert data.channels == 3
-    x = torch.cat([data.train_images, data.test_images])[torch.cat(
-        [data.train_labels, data.test_labels]) == 0]
+    x = torch.cat([data.train_images, data.test_images])[
+        torch.cat([data.train_labels, data.test_labels]) == 0
+    ]
     assert torch.equal(x[:, 0], x[:, 1]) and torch.equal(x[:, 0], x[:, 2])
 
 
 def test_mixed_sizes_need_a_resolution_which_resizes_on_decode(tmp_path):
-    write_tree(tmp_path / "tree", {"": {"x": [solid((9, 99, 199), 8), solid((9, 99, 199), 8)],
-                                        "y": [solid((50, 50, 50), 12), solid((50, 50, 50), 12)]}})
+    write_tree(
+        tmp_path / "tree",
+        {
+            "": {
+                "x": [solid((9, 99, 199), 8), solid((9, 99, 199), 8)],
+                "y": [solid((50, 50, 50), 12), solid((50, 50, 50), 12)],
+            }
+        },
+    )
     with data_error(r"different sizes \(e.g. 8x8 and 12x12\).*data.resolution"):
         load_dataset("imagefolder", tmp_path / "tree", cache_dir=tmp_path / "cache")
-    data = load_dataset("imagefolder", tmp_path / "tree", cache_dir=tmp_path / "cache",
-                        resolution=6)
+    data = load_dataset("imagefolder", tmp_path / "tree", cache_dir=tmp_path / "cache", resolution=6)
     assert data.train_images.shape == (2, 3, 6, 6)
     assert data.train_images[data.train_labels == 0][:, :, 3, 3].tolist() == [[9, 99, 199]]
 
@@ -409,8 +471,7 @@ def test_non_square_images_need_a_resolution(tmp_path):
     write_tree(tmp_path / "tree", {"": {"x": [image, image], "y": [image, image]}})
     with data_error("10x6 but MKDT needs square images.*data.resolution"):
         load_dataset("imagefolder", tmp_path / "tree", cache_dir=tmp_path / "cache")
-    data = load_dataset("imagefolder", tmp_path / "tree", cache_dir=tmp_path / "cache",
-                        resolution=5)
+    data = load_dataset("imagefolder", tmp_path / "tree", cache_dir=tmp_path / "cache", resolution=5)
     assert data.image_size == 5
 
 
@@ -423,19 +484,36 @@ def test_resolution_resizes_after_loading_and_the_cache_stays_native(tmp_path, m
     assert len(calls) == 1 and len(list((tmp_path / "datasets").glob("*.safetensors"))) == 1
 
 
-@pytest.mark.parametrize(("make", "message"), [
-    (lambda root: write_tree(root, {"": {"x": [solid((1, 2, 3), 4)]}}) or (root / "empty").mkdir(),
-     "class folder empty in .* has no images"),
-    (lambda root: (root / "docs").mkdir(parents=True) or (root / "docs/README.md").write_text("x"),
-     r"no images \(.jpg/.*expected an ImageFolder tree"),
-    (lambda root: write_tree(root, {"": {"x": list(rng_images(0, 2, (3, 16, 16)))}}, ext="jpg")
-     or truncate(root / "x/0001.jpg", keep=300),
-     "cannot decode image x/0001.jpg in .*corrupt"),
-    (lambda root: write_tree(root, {"train": {"x": [solid((1, 2, 3), 4)]},
-                                    "test": {"x": [solid((1, 2, 3), 4)],
-                                             "z": [solid((3, 2, 1), 4)]}}),
-     r"test/ in .* has class folders missing from train/ \(z\)"),
-])
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        (
+            lambda root: write_tree(root, {"": {"x": [solid((1, 2, 3), 4)]}}) or (root / "empty").mkdir(),
+            "class folder empty in .* has no images",
+        ),
+        (
+            lambda root: (root / "docs").mkdir(parents=True) or (root / "docs/README.md").write_text("x"),
+            r"no images \(.jpg/.*expected an ImageFolder tree",
+        ),
+        (
+            lambda root: (
+                write_tree(root, {"": {"x": list(rng_images(0, 2, (3, 16, 16)))}}, ext="jpg")
+                or truncate(root / "x/0001.jpg", keep=300)
+            ),
+            "cannot decode image x/0001.jpg in .*corrupt",
+        ),
+        (
+            lambda root: write_tree(
+                root,
+                {
+                    "train": {"x": [solid((1, 2, 3), 4)]},
+                    "test": {"x": [solid((1, 2, 3), 4)], "z": [solid((3, 2, 1), 4)]},
+                },
+            ),
+            r"test/ in .* has class folders missing from train/ \(z\)",
+        ),
+    ],
+)
 def test_bad_trees_raise_data_error(tmp_path, make, message):
     make(tmp_path / "tree")
     with data_error(message):
@@ -480,14 +558,21 @@ def test_tinyimagenet_standard_layout(tmp_path):
     assert torch.equal(inner.test_images, data.test_images)
 
 
-@pytest.mark.parametrize(("damage", "message"), [
-    (lambda top: (top / "val/val_annotations.txt").write_text("val_0.JPEG\tn99\t0\t0\t1\t1\n"),
-     "val_annotations.txt line 1 is not <file> TAB <wnid from wnids.txt>"),
-    (lambda top: (top / "val/val_annotations.txt").unlink(), "cannot read .*val_annotations.txt"),
-    (lambda top: (top / "val/images/val_1.JPEG").unlink(), "cannot read .*val_1.JPEG"),
-    (lambda top: [f.unlink() for f in (top / "train/n02/images").iterdir()],
-     "no training images in .*n02/images: expected tiny-imagenet-200/ with wnids.txt"),
-])
+@pytest.mark.parametrize(
+    ("damage", "message"),
+    [
+        (
+            lambda top: (top / "val/val_annotations.txt").write_text("val_0.JPEG\tn99\t0\t0\t1\t1\n"),
+            "val_annotations.txt line 1 is not <file> TAB <wnid from wnids.txt>",
+        ),
+        (lambda top: (top / "val/val_annotations.txt").unlink(), "cannot read .*val_annotations.txt"),
+        (lambda top: (top / "val/images/val_1.JPEG").unlink(), "cannot read .*val_1.JPEG"),
+        (
+            lambda top: [f.unlink() for f in (top / "train/n02/images").iterdir()],
+            "no training images in .*n02/images: expected tiny-imagenet-200/ with wnids.txt",
+        ),
+    ],
+)
 def test_damaged_tinyimagenet_raises_data_error(tmp_path, damage, message):
     damage(write_tinyimagenet(tmp_path))
     with data_error(message):
@@ -505,24 +590,40 @@ def test_missing_tinyimagenet_says_how_to_fix(tmp_path):
 def test_fashion_mnist_raw_and_gzipped_idx_files(tmp_path):
     expected = write_fashion(tmp_path / "FashionMNIST/raw")  # torchvision's download layout
     data = load_dataset("fashion-mnist", tmp_path, cache_dir=tmp_path / "cache")
-    assert_matches(data, {key: value[:, None] if "images" in key else value
-                          for key, value in expected.items()})
+    assert_matches(
+        data, {key: value[:, None] if "images" in key else value for key, value in expected.items()}
+    )
     assert data.classes[0] == "T-shirt/top" and data.classes[9] == "Ankle boot"
     assert data.channels == 1 and data.image_size == 28
     assert data.mean[0] == pytest.approx(expected["train_images"].mean() / 255)
 
 
-@pytest.mark.parametrize(("damage", "message"), [
-    (lambda d: (d / "train-images-idx3-ubyte").write_bytes(
-        idx_bytes(np.zeros((7, 28, 28)), 2049)), "magic number 2049, expected 2051"),
-    (lambda d: (d / "train-images-idx3-ubyte").write_bytes(
-        idx_bytes(np.zeros((7, 28, 28)), 2051)[:-10]), r"truncated .*\(7, 28, 28\)"),
-    (lambda d: (d / "t10k-labels-idx1-ubyte.gz").write_bytes(
-        gzip.compress(idx_bytes(np.zeros(5), 2049))), "4 images and 5 labels"),
-    (lambda d: (d / "t10k-images-idx3-ubyte.gz").write_bytes(b"\x1f\x8b broken"),
-     "cannot decompress .*t10k-images-idx3-ubyte.gz"),
-    (lambda d: (d / "t10k-images-idx3-ubyte.gz").unlink(), "missing .*t10k-images-idx3-ubyte"),
-])
+@pytest.mark.parametrize(
+    ("damage", "message"),
+    [
+        (
+            lambda d: (d / "train-images-idx3-ubyte").write_bytes(idx_bytes(np.zeros((7, 28, 28)), 2049)),
+            "magic number 2049, expected 2051",
+        ),
+        (
+            lambda d: (d / "train-images-idx3-ubyte").write_bytes(
+                idx_bytes(np.zeros((7, 28, 28)), 2051)[:-10]
+            ),
+            r"truncated .*\(7, 28, 28\)",
+        ),
+        (
+            lambda d: (d / "t10k-labels-idx1-ubyte.gz").write_bytes(
+                gzip.compress(idx_bytes(np.zeros(5), 2049))
+            ),
+            "4 images and 5 labels",
+        ),
+        (
+            lambda d: (d / "t10k-images-idx3-ubyte.gz").write_bytes(b"\x1f\x8b broken"),
+            "cannot decompress .*t10k-images-idx3-ubyte.gz",
+        ),
+        (lambda d: (d / "t10k-images-idx3-ubyte.gz").unlink(), "missing .*t10k-images-idx3-ubyte"),
+    ],
+)
 def test_damaged_fashion_mnist_raises_data_error(tmp_path, damage, message):
     write_fashion(tmp_path)
     damage(tmp_path)

@@ -1,21 +1,26 @@
 import pytest
 import torch
 
-from mkdt import distill, experts, init, targets, teacher
-from mkdt.artifacts import RunDir, load_tensors
-from mkdt.config import DistillConfig, ExpertsConfig
+from mkdt.config import DistillConfig
 from mkdt.data import load_dataset
-from mkdt.distill import (
+from mkdt.errors import ArtifactError
+from mkdt.files import load_tensors
+from mkdt.nn.models import ConvNet, flatten_params, resnet10
+from mkdt.runtime import Runtime
+from mkdt.stages import distill, experts, init, targets, teacher
+from mkdt.store import RunDir
+from mkdt.train.checkpoint import PeriodicCheckpoint
+from mkdt.train.kd import KDRecipe, train_student
+from mkdt.train.matching import (
     Distiller,
     matching_grads,
     recompute_matching_grads,
+    resolve_backend,
     sample_batches,
+    unrolled_graph_bytes,
     unrolled_matching_loss,
 )
-from mkdt.errors import ArtifactError
-from mkdt.experts import train_expert
-from mkdt.models import ConvNet, flatten_params, resnet10
-from mkdt.runtime import FastPath
+from mkdt.train.matching import distill as distill_loop
 from tests.helpers import interrupted_after_first_checkpoint, tiny_config
 
 
@@ -58,12 +63,11 @@ def test_pixel_target_and_lr_gradients_match_finite_differences():
         assert analytic.abs() > 1e-8  # a real, non-zero gradient
 
 
-
-
 def _segments(student, start, images, z, num, steps, gen):
     """``num`` segments with their own starts, targets and batch orders."""
-    starts = torch.stack([start + 0.02 * torch.randn(start.shape, generator=gen, dtype=start.dtype)
-                          for _ in range(num)])
+    starts = torch.stack(
+        [start + 0.02 * torch.randn(start.shape, generator=gen, dtype=start.dtype) for _ in range(num)]
+    )
     ends = starts + 0.05 * torch.randn(starts.shape, generator=gen, dtype=start.dtype)
     batches = torch.stack([sample_batches(len(images), 4, steps, gen) for _ in range(num)], dim=1)
     return starts, ends, batches
@@ -74,8 +78,9 @@ def _segments(student, start, images, z, num, steps, gen):
 @pytest.mark.parametrize("batch_norm", [False, True], ids=["convnet", "resnet"])
 def test_recompute_backend_equals_unrolled(num_segments, learn_targets, batch_norm):
     student, start, _, images, z, _ = _tiny_problem(batch_norm=batch_norm)
-    starts, ends, batches = _segments(student, start, images, z, num_segments, 5,
-                                      torch.Generator().manual_seed(2))
+    starts, ends, batches = _segments(
+        student, start, images, z, num_segments, 5, torch.Generator().manual_seed(2)
+    )
     lr = torch.tensor(0.3, dtype=torch.float64)
     ref = matching_grads("unrolled", student, starts, ends, images, z, lr, batches, learn_targets)
     fast = recompute_matching_grads(student, starts, ends, images, z, lr, batches, learn_targets)
@@ -94,8 +99,9 @@ def test_several_segments_average_the_single_segment_losses():
     starts, ends, batches = _segments(student, start, images, z, 3, 4, torch.Generator().manual_seed(3))
     lr = torch.tensor(0.2, dtype=torch.float64)
     together = unrolled_matching_loss(student, starts, ends, images, z, lr, batches)
-    alone = [unrolled_matching_loss(student, starts[b], ends[b], images, z, lr, batches[:, b])
-             for b in range(3)]
+    alone = [
+        unrolled_matching_loss(student, starts[b], ends[b], images, z, lr, batches[:, b]) for b in range(3)
+    ]
     assert torch.allclose(together, torch.stack(alone).mean(), rtol=1e-12)
     assert len({round(x.item(), 6) for x in alone}) == 3  # three different segments
 
@@ -119,28 +125,43 @@ def digits_experts(tmp_path_factory):
     for k in range(3):
         torch.manual_seed(k)
         student = ConvNet(1, 8, width=8, depth=2, out_dim=16)
-        trajs.append(train_expert(student, x, z, ExpertsConfig(epochs=4, batch_size=64), [0, 1, 2, 3, 4],
-                                  torch.Generator().manual_seed(k)))
+        trajs.append(
+            train_student(
+                student,
+                x,
+                z,
+                KDRecipe(epochs=4, batch_size=64),
+                [0, 1, 2, 3, 4],
+                torch.Generator().manual_seed(k),
+            )
+        )
     return student, x, z, trajs
 
 
 def test_distillation_loss_falls_on_a_small_problem(digits_experts):
     student, x, z, trajs = digits_experts
-    recipe = DistillConfig(images=100, syn_steps=10, batch_syn=50, lr_img=100.0, lr_lr=1e-3,
-                           max_start_epoch=2, expert_epochs=2)
+    recipe = DistillConfig(
+        syn_steps=10, batch_syn=50, lr_img=100.0, lr_lr=1e-3, max_start_epoch=2, expert_epochs=2
+    )
     idx = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))[:100]
     distiller = Distiller(student, x[idx], z[idx], trajs, recipe, torch.Generator().manual_seed(0))
     losses = [distiller.step() for _ in range(40)]
     assert sum(losses[-10:]) / 10 < 0.95 * sum(losses[:10]) / 10
     assert not torch.equal(distiller.images.detach(), x[idx])  # pixels moved
-    assert distiller.lr.item() != recipe.lr_init                # the step size is learned
-    assert torch.equal(distiller.targets, z[idx])               # targets fixed by default
+    assert distiller.lr.item() != recipe.lr_init  # the step size is learned
+    assert torch.equal(distiller.targets, z[idx])  # targets fixed by default
 
 
 def test_every_iteration_can_draw_any_expert_and_start_epoch(digits_experts):
     student, x, z, trajs = digits_experts
-    distiller = Distiller(student, x[:10], z[:10], trajs, DistillConfig(max_start_epoch=2, trajectories=2),
-                          torch.Generator().manual_seed(0))
+    distiller = Distiller(
+        student,
+        x[:10],
+        z[:10],
+        trajs,
+        DistillConfig(max_start_epoch=2, trajectories=2),
+        torch.Generator().manual_seed(0),
+    )
     draws = {seg for _ in range(100) for seg in distiller.draw_segments()}
     assert draws == {(k, s) for k in range(3) for s in range(2)}
 
@@ -173,7 +194,7 @@ def test_interrupted_distillation_resumes_to_the_same_set(tmp_path, monkeypatch)
     run = RunDir(tmp_path / "run")
     run.invalidate(["distill"])
     (tmp_path / "run/distill/checkpoint.pt").unlink()
-    with interrupted_after_first_checkpoint(monkeypatch, distill):
+    with interrupted_after_first_checkpoint(monkeypatch):
         distill.run(config, tmp_path / "run")
     distill.run(config, tmp_path / "run")
     resumed, _ = load_tensors(tmp_path / "run/distill/synthetic.safetensors")
@@ -190,8 +211,13 @@ def test_matching_loss_is_one_when_the_step_size_is_zero():
     assert unrolled_matching_loss(student, start, target, images, z, zero, batches).item() == pytest.approx(1)
 
 
-@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
-    not torch.cuda.is_available(), reason="needs CUDA"))])
+@pytest.mark.parametrize(
+    "device",
+    [
+        "cpu",
+        pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")),
+    ],
+)
 @pytest.mark.parametrize("backend", ["unrolled", "recompute"])
 def test_bf16_autocast_and_channels_last_agree_with_fp32(backend, device):
     torch.manual_seed(0)
@@ -202,13 +228,14 @@ def test_bf16_autocast_and_channels_last_agree_with_fp32(backend, device):
     lr = torch.tensor(0.1, device=device)
     batches = sample_batches(24, 12, 4, torch.Generator().manual_seed(0)).to(device)
     ref = matching_grads(backend, student, start, target, images, z, lr, batches)
-    fast = FastPath(torch.device(device), precision="bf16", channels_last=True)
-    got = matching_grads(backend, student, start, target, fast.images(images), z, lr, batches,
-                         autocast=fast.autocast)
+    fast = Runtime(torch.device(device), precision="bf16", channels_last=True)
+    got = matching_grads(
+        backend, student, start, target, fast.images(images), z, lr, batches, autocast=fast.autocast
+    )
     assert abs(got.loss - ref.loss) / ref.loss < 1e-2  # bf16 keeps ~3 significant digits
     assert torch.nn.functional.cosine_similarity(got.images.flatten(), ref.images.flatten(), dim=0) > 0.99
     assert abs(got.lr - ref.lr) / ref.lr.abs() < 0.05
-    exact = FastPath(torch.device(device), channels_last=True)
+    exact = Runtime(torch.device(device), channels_last=True)
     layout = matching_grads(backend, student, start, target, exact.images(images), z, lr, batches)
     tol = 1e-4 if device == "cpu" else 1e-2  # cuDNN convolutions may use TF32
     assert torch.allclose(layout.images, ref.images, rtol=tol, atol=tol * 1e-3)
@@ -216,18 +243,40 @@ def test_bf16_autocast_and_channels_last_agree_with_fp32(backend, device):
 
 def test_auto_backend_picks_recompute_for_large_graphs():
     student, shape, cpu = ConvNet(3, 32, 128, 3, 512), torch.Size((3, 32, 32)), torch.device("cpu")
-    small = DistillConfig(images=100, syn_steps=2, batch_syn=10)
+    small = DistillConfig(syn_steps=2, batch_syn=10)
     paper = DistillConfig()  # N = 40, batch 256, width 128: ~ 30 GB unrolled
-    assert distill.resolve_backend(small, student, shape, cpu) == "unrolled"
-    assert distill.resolve_backend(paper, student, shape, cpu) == "recompute"
-    assert distill.unrolled_graph_bytes(paper, student, shape) > 20 * 2**30
+    assert resolve_backend(small, student, shape, cpu, num_images=100) == "unrolled"
+    assert resolve_backend(paper, student, shape, cpu, num_images=1000) == "recompute"
+    assert unrolled_graph_bytes(paper, student, shape, num_images=1000) > 20 * 2**30
     forced = DistillConfig(backend="unrolled")
-    assert distill.resolve_backend(forced, student, shape, cpu) == "unrolled"
+    assert resolve_backend(forced, student, shape, cpu, num_images=1000) == "unrolled"
 
 
 def test_graph_estimate_of_a_batch_norm_student_leaves_it_untouched():
     student = resnet10(width=4, out_dim=8)
     before = {k: v.clone() for k, v in student.state_dict().items()}
-    assert distill.unrolled_graph_bytes(DistillConfig(), student, torch.Size((3, 32, 32))) > 0
+    assert unrolled_graph_bytes(DistillConfig(), student, torch.Size((3, 32, 32)), num_images=1000) > 0
     assert student.training
     assert all(torch.equal(before[k], v) for k, v in student.state_dict().items())
+
+
+def test_the_loop_reads_losses_back_only_when_it_logs_and_keeps_every_one(digits_experts, monkeypatch):
+    student, x, z, trajs = digits_experts
+    recipe = DistillConfig(syn_steps=2, batch_syn=20, iterations=7, log_every=3)
+    stepped = Distiller(student, x[:40], z[:40], trajs, recipe, torch.Generator().manual_seed(0))
+    expected = [stepped.step().item() for _ in range(7)]
+    looped = Distiller(student, x[:40], z[:40], trajs, recipe, torch.Generator().manual_seed(0))
+    reads = []
+    real_item = torch.Tensor.item
+    monkeypatch.setattr(torch.Tensor, "item", lambda self: reads.append(1) or real_item(self))
+    run = distill_loop(looped, PeriodicCheckpoint(None, {}, 100, "distill"))
+    assert run.history == expected  # every iteration's loss, read back in batches
+    assert len(reads) == 4  # alpha_syn read after iterations 1, 3, 6 and 7 only
+
+
+def test_divergence_stops_with_a_message_naming_the_options(digits_experts):
+    student, x, z, trajs = digits_experts
+    recipe = DistillConfig(syn_steps=2, batch_syn=20, iterations=20, log_every=2, lr_lr=1e12)
+    distiller = Distiller(student, x[:40], z[:40], trajs, recipe, torch.Generator().manual_seed(0))
+    with pytest.raises(ArtifactError, match="lower distill.lr_img or distill.lr_lr"):
+        distill_loop(distiller, PeriodicCheckpoint(None, {}, 100, "distill"))

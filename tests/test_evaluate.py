@@ -7,17 +7,28 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from mkdt import distill, evaluate, experts, init, targets, teacher
-from mkdt.artifacts import RunDir, read_json
 from mkdt.data import load_dataset
+from mkdt.data.real import load_real
 from mkdt.errors import ArtifactError, ConfigError
-from mkdt.runtime import load_real
-from tests.helpers import tiny_config
+from mkdt.files import read_json
+from mkdt.runtime import Runtime
+from mkdt.stages import distill, evaluate, experts, init, targets, teacher
+from mkdt.store import RunDir
+from tests.helpers import real_data, tiny_config
 
 METHODS = ["no_pretrain", "random", "high_loss", "full", "mkdt"]
-SMALL = ["teacher.probe=false", "teacher.epochs=2", "distill.images=50", "distill.iterations=2",
-         "distill.syn_steps=2", "distill.batch_syn=25", "evaluate.epochs=2", "evaluate.seeds=2",
-         "evaluate.label_fractions=[0.1,0.5]", "evaluate.probe_max_iter=30"]
+SMALL = [
+    "teacher.probe=false",
+    "teacher.epochs=2",
+    "init.images=50",
+    "distill.iterations=2",
+    "distill.syn_steps=2",
+    "distill.batch_syn=25",
+    "evaluate.epochs=2",
+    "evaluate.seeds=2",
+    "evaluate.label_fractions=[0.1,0.5]",
+    "evaluate.probe_max_iter=30",
+]
 
 
 def _image_folder(root, mode, per_class=(8, 4)):
@@ -83,7 +94,8 @@ def test_results_schema_files_and_table(evaluated):
     results = json.loads((run.path / "results.json").read_text())
     assert results == record["result"]["results"]
     assert [(r["method"], r["task"], r["label_fraction"]) for r in results] == [
-        (m, "digits", f) for m in METHODS for f in (0.1, 0.5)]
+        (m, "digits", f) for m in METHODS for f in (0.1, 0.5)
+    ]
     for r in results:
         assert r["seeds"] == [0, 1] and len(r["accuracies"]) == 2
         assert all(0 <= a <= 100 for a in r["accuracies"])
@@ -97,24 +109,24 @@ def test_results_schema_files_and_table(evaluated):
 def test_more_labels_give_higher_accuracy_after_full_pretraining(evaluated):
     _, _, record, _ = evaluated
     mean = {r["label_fraction"]: r["mean"] for r in record["result"]["results"] if r["method"] == "full"}
-    assert mean[0.5] > mean[0.1] > 30   # 10 classes: chance is 10%
+    assert mean[0.5] > mean[0.1] > 30  # 10 classes: chance is 10%
 
 
 def test_every_method_sees_the_same_labels_for_a_seed(evaluated):
     _, _, _, drawn = evaluated
-    per_method = len(drawn) // len(METHODS)          # seeds x fractions, in loop order
+    per_method = len(drawn) // len(METHODS)  # seeds x fractions, in loop order
     assert per_method == 2 * 2
     first = drawn[:per_method]
     for m in range(1, len(METHODS)):
-        for (x, y), (x0, y0) in zip(drawn[m * per_method:(m + 1) * per_method], first, strict=True):
+        for (x, y), (x0, y0) in zip(drawn[m * per_method : (m + 1) * per_method], first, strict=True):
             assert torch.equal(x, x0) and torch.equal(y, y0)
-    seed0, seed1 = first[0], first[2]                # 10% of digits for seeds 0 and 1
+    seed0, seed1 = first[0], first[2]  # 10% of digits for seeds 0 and 1
     assert len(seed0[1]) == round(0.1 * 1437) and not torch.equal(seed0[0], seed1[0])
 
 
 def test_rerun_reuses_finished_pretraining_and_recomputes_identically(evaluated, monkeypatch):
     config, run, record, _ = evaluated
-    assert evaluate.run(config, run.path)["finished"] == record["finished"]   # done: skipped
+    assert evaluate.run(config, run.path)["finished"] == record["finished"]  # done: skipped
     partial_path = run.stage_dir("evaluate") / "partial.json"
     partial = read_json(partial_path)
     kept = _without_seconds(partial)
@@ -139,26 +151,39 @@ def test_partial_of_another_config_is_ignored_and_name_root_tasks_load(evaluated
     config, run, record, _ = evaluated
     out = _copy_run(run, tmp_path / "copy")
     folder = _image_folder(tmp_path, "L")
-    other = _config(config.data.cache_dir, f"evaluate.tasks=[digits, imagefolder={folder}]",
-                    "evaluate.methods=[no_pretrain]", "evaluate.seeds=1")
+    other = _config(
+        config.data.cache_dir,
+        f"evaluate.tasks=[digits, imagefolder={folder}]",
+        "evaluate.methods=[no_pretrain]",
+        "evaluate.seeds=1",
+    )
     with pytest.MonkeyPatch.context() as mp:
         drawn = _spy_on_label_subsets(mp)
         results = evaluate.run(other, out)["result"]["results"]
     assert [(r["task"], r["label_fraction"]) for r in results] == [
-        ("digits", 0.1), ("digits", 0.5), (f"imagefolder={folder}", 0.1), (f"imagefolder={folder}", 0.5)]
-    assert [r["accuracies"] for r in results[:2]] == [   # recomputed, identical to the first run
-        r["accuracies"][:1] for r in record["result"]["results"] if r["method"] == "no_pretrain"]
+        ("digits", 0.1),
+        ("digits", 0.5),
+        (f"imagefolder={folder}", 0.1),
+        (f"imagefolder={folder}", 0.5),
+    ]
+    assert (
+        [r["accuracies"] for r in results[:2]]
+        == [  # recomputed, identical to the first run
+            r["accuracies"][:1] for r in record["result"]["results"] if r["method"] == "no_pretrain"
+        ]
+    )
     assert list(read_json(out / "evaluate/partial.json")["runs"]) == ["no_pretrain/0"]
-    images, labels = drawn[2]                        # the ImageFolder task (80 training images) at 10%
-    assert images.shape[1:] == (1, 8, 8) and len(labels) == 10   # at least one label per class
+    images, labels = drawn[2]  # the ImageFolder task (80 training images) at 10%
+    assert images.shape[1:] == (1, 8, 8) and len(labels) == 10  # at least one label per class
 
 
 def test_pretraining_on_full_data_lowers_the_kd_loss(evaluated):
     config, run, _, _ = evaluated
-    data = load_real(config)
-    z = targets.load_targets(run, config, data.num_train)
-    full = evaluate.pretraining_sets(run, config, data, z)["full"]
-    cpu = torch.device("cpu")
+    real = load_real(config.data, config.seed, torch.device("cpu"))
+    data = real.data
+    z = run.load_targets(data.num_train)
+    full = evaluate.pretraining_sets(run, config, real, z)["full"]
+    cpu = Runtime(torch.device("cpu"))
     start, _ = evaluate.pretrain(config, "full", 0, None, data, z.shape[1], cpu)
     trained, losses = evaluate.pretrain(config, "full", 0, full, data, z.shape[1], cpu)
     with torch.no_grad():
@@ -193,7 +218,7 @@ def test_rgb_task_for_a_grayscale_encoder_is_a_config_error(evaluated, tmp_path,
 
 def test_grayscale_task_is_repeated_to_rgb(evaluated):
     config, _, _, _ = evaluated
-    digits = load_real(config)
+    digits = real_data(config)
     rgb = evaluate.match_channels(digits, 3, "digits")
     assert rgb.channels == 3 and torch.equal(rgb.test_images[:, 2], digits.test_images[:, 0])
     assert rgb.mean == digits.mean * 3
@@ -209,9 +234,9 @@ def test_task_entries_are_parsed():
 
 def test_label_subsets(evaluated):
     config, _, _, _ = evaluated
-    digits = load_real(config)
+    digits = real_data(config)
     images, labels = evaluate.labelled_subset(digits, 0.001, False, seed=3)
-    assert len(labels) == 10                                       # at least num_classes
+    assert len(labels) == 10  # at least num_classes
     again, _ = evaluate.labelled_subset(digits, 0.001, False, seed=3)
     assert torch.equal(images, again)
     _, balanced = evaluate.labelled_subset(digits, 0.05, True, seed=3)

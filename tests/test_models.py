@@ -3,7 +3,7 @@ import torch
 import torchvision
 from torch.func import functional_call
 
-from mkdt.models import (
+from mkdt.nn.models import (
     MODEL_NAMES,
     ConvNet,
     ResNet,
@@ -133,6 +133,6 @@ def test_convnet_ensemble_equals_separate_forwards(out_dim, channels_last):
     expected = torch.stack([net(x[e]) for e, net in enumerate(nets)])
     assert out.shape == expected.shape == (3, 4, out_dim or 6 * 2 * 2)
     assert torch.allclose(out, expected, rtol=1e-10, atol=1e-10)
-    out.square().sum().backward()   # each expert's gradient reaches its own slice
+    out.square().sum().backward()  # each expert's gradient reaches its own slice
     reference = torch.autograd.grad(expected.square().sum(), nets[1].features_net[0].weight)[0]
     assert torch.allclose(params["features_net.0.weight"].grad[1], reference, rtol=1e-8, atol=1e-10)

@@ -3,7 +3,7 @@ import pytest
 import torch
 from sklearn.linear_model import LogisticRegression
 
-from mkdt.probe import fit_logistic, linear_probe, logistic_objective, standardiser
+from mkdt.train.probe import fit_logistic, linear_probe, logistic_objective, standardiser
 
 
 def blobs(n: int, d: int, k: int, spread: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:

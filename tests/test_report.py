@@ -7,7 +7,7 @@ from mkdt.report import build_records, fraction_label, make_record, results_tabl
 
 def test_summarise_uses_the_sample_std():
     mean, std = summarise([44.0, 45.0, 46.0])
-    assert mean == 45.0 and std == 1.0                  # ddof=1: sqrt((1 + 0 + 1) / 2)
+    assert mean == 45.0 and std == 1.0  # ddof=1: sqrt((1 + 0 + 1) / 2)
     assert summarise([50.0, 52.0]) == (51.0, math.sqrt(2))
     assert summarise([37.5]) == (37.5, 0.0)
     with pytest.raises(ValueError):
@@ -16,18 +16,31 @@ def test_summarise_uses_the_sample_std():
 
 def test_make_record_schema():
     record = make_record("mkdt", "cifar10", 0.01, [0, 1], [40.0, 42.0])
-    assert record == {"method": "mkdt", "task": "cifar10", "label_fraction": 0.01, "seeds": [0, 1],
-                      "accuracies": [40.0, 42.0], "mean": 41.0, "std": math.sqrt(2)}
+    assert record == {
+        "method": "mkdt",
+        "task": "cifar10",
+        "label_fraction": 0.01,
+        "seeds": [0, 1],
+        "accuracies": [40.0, 42.0],
+        "mean": 41.0,
+        "std": math.sqrt(2),
+    }
     with pytest.raises(ValueError, match="2 seeds but 1"):
         make_record("mkdt", "cifar10", 0.01, [0, 1], [40.0])
 
 
 def test_build_records_gathers_seeds_in_order():
-    probes = [{"method": m, "seed": s, "task": t, "label_fraction": f, "accuracy": 10 * s + f}
-              for m in ("full", "random") for s in (1, 0) for t in ("a", "b") for f in (0.05, 0.01)]
+    probes = [
+        {"method": m, "seed": s, "task": t, "label_fraction": f, "accuracy": 10 * s + f}
+        for m in ("full", "random")
+        for s in (1, 0)
+        for t in ("a", "b")
+        for f in (0.05, 0.01)
+    ]
     records = build_records(probes, ["random", "full"], ["b", "a"], [0.01, 0.05])
     assert [(r["method"], r["task"], r["label_fraction"]) for r in records] == [
-        (m, t, f) for m in ("random", "full") for t in ("b", "a") for f in (0.01, 0.05)]
+        (m, t, f) for m in ("random", "full") for t in ("b", "a") for f in (0.01, 0.05)
+    ]
     assert records[0]["seeds"] == [0, 1] and records[0]["accuracies"] == [0.01, 10.01]
     with pytest.raises(ValueError, match="no probe results for mkdt"):
         build_records(probes, ["mkdt"], ["a"], [0.01])
@@ -35,15 +48,23 @@ def test_build_records_gathers_seeds_in_order():
 
 def test_fraction_labels():
     assert [fraction_label(f) for f in (0.01, 0.05, 0.1, 0.5, 1.0, 0.001)] == [
-        "1%", "5%", "10%", "50%", "100%", "0.1%"]
+        "1%",
+        "5%",
+        "10%",
+        "50%",
+        "100%",
+        "0.1%",
+    ]
 
 
 def test_table_orders_fractions_then_methods_and_formats_cells():
-    records = [make_record(m, t, f, [0, 1], [a, a + 2])
-               for f, a0 in ((0.05, 50.0), (0.01, 30.0))
-               for i, m in enumerate(("full", "mkdt", "random", "no_pretrain", "high_loss"))
-               for t, a in (("cifar10", a0 + i), ("cifar100", a0 / 3 + i))
-               if not (m == "high_loss" and t == "cifar100")]
+    records = [
+        make_record(m, t, f, [0, 1], [a, a + 2])
+        for f, a0 in ((0.05, 50.0), (0.01, 30.0))
+        for i, m in enumerate(("full", "mkdt", "random", "no_pretrain", "high_loss"))
+        for t, a in (("cifar10", a0 + i), ("cifar100", a0 / 3 + i))
+        if not (m == "high_loss" and t == "cifar100")
+    ]
     table = results_table(records, header="Pre-trained on cifar10.")
     lines = table.splitlines()
     assert lines[0] == "Pre-trained on cifar10." and lines[1] == ""
@@ -58,8 +79,10 @@ def test_table_orders_fractions_then_methods_and_formats_cells():
 
 
 def test_table_without_header_and_unknown_method_last():
-    records = [make_record("krr_st", "c10", 0.01, [0], [37.191]),
-               make_record("mkdt", "c10", 0.01, [0], [44.357])]
+    records = [
+        make_record("krr_st", "c10", 0.01, [0], [37.191]),
+        make_record("mkdt", "c10", 0.01, [0], [44.357]),
+    ]
     lines = results_table(records).splitlines()
     assert lines[0].startswith("| labels |")
     assert lines[2:] == ["| 1% | MKDT | 44.36 ± 0.00 |", "| 1% | krr_st | 37.19 ± 0.00 |"]

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from mkdt.ssl import BarlowTwinsLoss, NTXentLoss, barlow_twins_projector, simclr_projector
+from mkdt.nn.ssl import BarlowTwinsLoss, NTXentLoss, barlow_twins_projector, simclr_projector
 
 
 def bt_reference(z1: np.ndarray, z2: np.ndarray, lam: float, eps: float) -> float:
@@ -54,9 +54,7 @@ def test_barlow_twins_matches_batchnorm_formulation():
     z1, z2 = torch.randn(16, 5), torch.randn(16, 5)
     bn = torch.nn.BatchNorm1d(5, affine=False, eps=1e-5)
     c = bn(z1).T @ bn(z2) / 16
-    ref = (torch.diagonal(c) - 1).pow(2).sum() + (
-        c.pow(2).sum() - torch.diagonal(c).pow(2).sum()
-    ) / 128
+    ref = (torch.diagonal(c) - 1).pow(2).sum() + (c.pow(2).sum() - torch.diagonal(c).pow(2).sum()) / 128
     assert torch.allclose(BarlowTwinsLoss()(z1, z2), ref, atol=1e-5)
 
 

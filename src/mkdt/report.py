@@ -7,7 +7,7 @@ A record is a JSON-able dict::
 
 with test accuracies in percent, one per seed, and the sample standard deviation (ddof=1; 0 for a
 single seed). :func:`results_table` renders records as a markdown table shaped like the paper's
-Table 1 (METHOD.md §6).
+Table 1 (docs/method.md).
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ METHOD_NAMES = {
     "mkdt": "MKDT",
     "full": "full data",
 }
+EVAL_METHODS = ("no_pretrain", "random", "high_loss", "full", "mkdt")  # what the evaluate stage runs
 MISSING = "–"
 
 
@@ -34,18 +35,27 @@ def summarise(accuracies: Sequence[float]) -> tuple[float, float]:
     return statistics.fmean(accuracies), std
 
 
-def make_record(method: str, task: str, label_fraction: float, seeds: Sequence[int],
-                accuracies: Sequence[float]) -> dict[str, Any]:
+def make_record(
+    method: str, task: str, label_fraction: float, seeds: Sequence[int], accuracies: Sequence[float]
+) -> dict[str, Any]:
     """One result record (accuracies in percent, in the order of ``seeds``)."""
     if len(seeds) != len(accuracies):
         raise ValueError(f"{len(seeds)} seeds but {len(accuracies)} accuracies")
     mean, std = summarise(accuracies)
-    return {"method": method, "task": task, "label_fraction": label_fraction, "seeds": list(seeds),
-            "accuracies": list(accuracies), "mean": mean, "std": std}
+    return {
+        "method": method,
+        "task": task,
+        "label_fraction": label_fraction,
+        "seeds": list(seeds),
+        "accuracies": list(accuracies),
+        "mean": mean,
+        "std": std,
+    }
 
 
-def build_records(probes: Iterable[dict[str, Any]], methods: Sequence[str], tasks: Sequence[str],
-                  fractions: Sequence[float]) -> list[dict[str, Any]]:
+def build_records(
+    probes: Iterable[dict[str, Any]], methods: Sequence[str], tasks: Sequence[str], fractions: Sequence[float]
+) -> list[dict[str, Any]]:
     """Records for every method x task x fraction, in that nesting order, from probe results.
 
     A probe result is ``{"method", "seed", "task", "label_fraction", "accuracy"}`` (percent); each
@@ -78,7 +88,7 @@ def method_label(method: str) -> str:
 
 
 def cell(record: dict[str, Any]) -> str:
-    """"mean ± std" with 2 decimals."""
+    """ "mean ± std" with 2 decimals."""
     return f"{record['mean']:.2f} ± {record['std']:.2f}"
 
 
@@ -106,4 +116,3 @@ def results_table(records: Sequence[dict[str, Any]], header: str | None = None) 
             row = [cells.get((fraction, method, t), MISSING) for t in tasks]
             lines.append(f"| {fraction_label(fraction)} | {method_label(method)} | " + " | ".join(row) + " |")
     return "\n".join(lines) + "\n"
-

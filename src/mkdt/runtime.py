@@ -1,11 +1,18 @@
-"""Process-level helpers shared by the stages: device, seeding, ranks, progress bars."""
+"""The process's runtime: where and how the networks run, random streams, ranks, progress bars.
+
+Every training loop (the SSL teacher, KD students, trajectory matching, evaluation pre-training)
+receives one :class:`Runtime` and applies it the same way: ``runtime.prepare(model)`` once,
+``runtime.images(x)`` on its input batches, the forward pass under ``runtime.autocast()``.
+Weights, optimizer states, losses and parameter updates stay float32 whatever is chosen here.
+"""
 
 from __future__ import annotations
 
+import hashlib
 import os
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import torch
@@ -14,6 +21,7 @@ from tqdm.auto import tqdm
 from mkdt.errors import ConfigError
 
 T = TypeVar("T")
+PRECISIONS = ("fp32", "bf16")
 
 
 def resolve_device(name: str) -> torch.device:
@@ -26,16 +34,38 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-@dataclass(frozen=True)
-class FastPath:
-    """Optional speed-ups of the networks' forward passes (``precision``, ``channels_last``,
-    ``compile`` in the config); every stage keeps weights, optimizer states, losses and parameter
-    updates in float32 whatever is chosen here."""
+def rank_and_world() -> tuple[int, int]:
+    """(rank, world size) from torchrun's environment; (0, 1) for a plain process."""
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
 
-    device: torch.device
+
+@dataclass(frozen=True)
+class Runtime:
+    """Device, speed options and rank of this process (config keys ``device``, ``precision``,
+    ``channels_last``, ``compile``; ``RANK``/``WORLD_SIZE`` from torchrun).
+
+    ``precision="bf16"`` runs forward passes under bfloat16 autocast; ``channels_last`` lays
+    images and convolution weights out channels-last; ``compile`` wraps forward functions in
+    ``torch.compile``.
+    """
+
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     precision: str = "fp32"
     channels_last: bool = False
     compile: bool = False
+    rank: int = 0
+    world: int = 1
+
+    @classmethod
+    def create(
+        cls, device: str = "auto", precision: str = "fp32", channels_last: bool = False, compile: bool = False
+    ) -> Runtime:
+        """The runtime for these settings in this process. ``channels_last`` applies on CUDA only
+        (on CPU it is not faster here, and torch 2.14's CPU kernels crashed with it for ResNets
+        of width 4)."""
+        dev = resolve_device(device)
+        rank, world = rank_and_world()
+        return cls(dev, precision, channels_last and dev.type == "cuda", compile, rank, world)
 
     def autocast(self) -> AbstractContextManager[Any]:
         """bfloat16 autocast when ``precision == "bf16"``, otherwise a no-op context."""
@@ -55,12 +85,10 @@ class FastPath:
         """``torch.compile(fn)`` when enabled (fn shares the module's parameters), else ``fn``."""
         return torch.compile(fn) if self.compile else fn
 
-
-def fast_path(config: Any, device: torch.device) -> FastPath:
-    """The config's fast path on ``device``; ``channels_last`` is applied on CUDA only (on CPU it is
-    not faster here, and torch 2.14's CPU kernels crashed with it for ResNets of width 4)."""
-    return FastPath(device, config.precision, config.channels_last and device.type == "cuda",
-                    config.compile)
+    @property
+    def is_main(self) -> bool:
+        """True on rank 0, the process that writes shared records and prints."""
+        return self.rank == 0
 
 
 @contextmanager
@@ -72,37 +100,19 @@ def seeded(seed: int) -> Iterator[None]:
         yield
 
 
+def derive_seed(seed: int, *names: object) -> int:
+    """A 63-bit seed for one random stream, e.g. ``derive_seed(seed, "expert", 3)``."""
+    text = "/".join(str(n) for n in (seed, *names))
+    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little") >> 1
+
+
 def generator(seed: int, device: torch.device) -> torch.Generator:
     """A seeded torch.Generator on ``device`` (batch orders and augmentation draw from it)."""
     return torch.Generator(device=device).manual_seed(seed)
 
 
-def rank_and_world() -> tuple[int, int]:
-    """(rank, world size) from torchrun's environment; (0, 1) for a plain process."""
-    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-
-
-def progress(items: Iterable[T], *, disable: bool = False, **kwargs: Any) -> Iterable[T]:
-    """A tqdm bar on rank 0 only; disabled when MKDT_PROGRESS=0."""
+def progress(items: Iterable[T], *, disable: bool = False, **kwargs: Any) -> Any:
+    """A tqdm bar over ``items`` on rank 0 only (iterate it; ``set_postfix`` shows values);
+    disabled when MKDT_PROGRESS=0."""
     enabled = rank_and_world()[0] == 0 and os.environ.get("MKDT_PROGRESS", "1") != "0"
     return tqdm(items, disable=disable or not enabled, dynamic_ncols=True, **kwargs)
-
-
-def load_real(config: Any) -> Any:
-    """D_real for a config: the dataset (cached), resized, and the class-balanced pool."""
-    from mkdt.artifacts import derive_seed
-    from mkdt.data import load_dataset
-
-    d = config.data
-    data = load_dataset(d.name, d.root, download=d.download, cache_dir=d.cache_dir,
-                        resolution=d.resolution)
-    if d.pool_size is not None:
-        data = data.subset(d.pool_size, derive_seed(config.seed, "pool"))
-    return data
-
-
-def data_identity(config: Any) -> dict[str, Any]:
-    """The config keys that define D_real (the raw files' location does not)."""
-    d = config.data
-    return {"seed": config.seed, "name": d.name, "resolution": d.resolution,
-            "pool_size": d.pool_size}

@@ -1,0 +1,396 @@
+"""The typed configuration: one dataclass per concern, each validating its own fields.
+
+One default :class:`Config` holds every key, grouped by stage; its defaults are the paper's
+CIFAR-10 settings (docs/method.md). Every section has a ``validate()`` that raises
+:class:`ConfigError` naming the first bad key; :meth:`Config.validate` runs them all, then the
+checks that span sections. Vocabularies (model names, SSL methods, backends, evaluation methods)
+come from the modules that own them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from mkdt.errors import ConfigError
+from mkdt.nn.models import MODEL_NAMES
+from mkdt.nn.ssl import SSL_METHODS
+from mkdt.report import EVAL_METHODS
+from mkdt.runtime import PRECISIONS
+from mkdt.store import INIT_METHODS
+from mkdt.train.matching import BACKENDS
+
+
+def opt(default: Any, help: str) -> Any:  # noqa: A002 - mirrors argparse's vocabulary
+    """A config field with its documentation (shown by ``mkdt <stage> --help``)."""
+    if isinstance(default, (list, dict)) or dataclasses.is_dataclass(default):
+        return field(default_factory=lambda: _copy(default), metadata={"help": help})
+    return field(default=default, metadata={"help": help})
+
+
+def _copy(value: Any) -> Any:
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return dataclasses.replace(value)
+    return type(value)(value)
+
+
+def check(ok: bool, key: str, message: str) -> None:
+    """Raise ConfigError ``invalid config KEY: MESSAGE`` unless ``ok``."""
+    if not ok:
+        raise ConfigError(f"invalid config {key}: {message}")
+
+
+def _one_of(value: str, allowed: tuple[str, ...], key: str) -> None:
+    check(value in allowed, key, f"must be {' or '.join([', '.join(allowed[:-1]), allowed[-1]])}")
+
+
+def _at_least(section: Any, prefix: str, keys: tuple[str, ...], low: int = 1) -> None:
+    for key in keys:
+        check(getattr(section, key) >= low, f"{prefix}.{key}", f"must be >= {low}")
+
+
+def _rate(value: float, key: str) -> None:
+    check(math.isfinite(value) and value > 0, key, "must be a finite number > 0")
+
+
+def _momentum(value: float, key: str) -> None:
+    check(0 <= value < 1, key, "must be in [0, 1)")
+
+
+@dataclass
+class DataConfig:
+    """The real data D_real: which dataset, where its files are, its resolution and pool."""
+
+    name: str = opt(
+        "digits",
+        "dataset: digits, cifar10, cifar100, tinyimagenet, fashion-mnist, "
+        "imagefolder, or a path to an ImageFolder tree/archive",
+    )
+    root: str | None = opt(
+        None,
+        "folder or archive holding the raw files (default: the dataset's usual place, or $MKDT_DATA/<name>)",
+    )
+    download: bool = opt(False, "download the dataset with torchvision if it is missing")
+    cache_dir: str | None = opt(
+        None, "where decoded uint8 tensors are cached (default $MKDT_CACHE or ~/.cache/mkdt)"
+    )
+    resolution: int | None = opt(None, "resize images to this side in pixels (default: native)")
+    pool_size: int | None = opt(
+        None,
+        "use a class-balanced subset of this many training images as the real data D_real (default: all)",
+    )
+
+    def validate(self) -> None:
+        """Raise ConfigError naming the first bad key of this section."""
+        check(self.resolution is None or self.resolution >= 4, "data.resolution", "must be >= 4")
+        check(self.pool_size is None or self.pool_size >= 2, "data.pool_size", "must be >= 2")
+
+
+@dataclass
+class ModelConfig:
+    """A network: its name and size."""
+
+    arch: str = opt("convnet", "network: " + ", ".join(MODEL_NAMES))
+    width: int = opt(128, "channels of the first stage (ConvNet: every block; ResNet: x1,2,4,8)")
+    depth: int = opt(3, "ConvNet blocks (3 for 32x32 inputs, 4 for 64x64); ignored by ResNets")
+
+    def validate(self, prefix: str) -> None:
+        """Raise ConfigError naming the first bad key (under ``prefix``)."""
+        _one_of(self.arch, MODEL_NAMES, f"{prefix}.arch")
+        check(self.width >= 1 and self.depth >= 1, prefix, "width and depth must be >= 1")
+
+
+@dataclass
+class TeacherConfig:
+    """Stage 1: the SSL teacher's recipe, or the checkpoint to load instead."""
+
+    checkpoint: str | None = opt(
+        None,
+        "load this encoder (torchvision-style ResNet state dict, "
+        ".safetensors or .pt) instead of training one",
+    )
+    method: str = opt("barlow_twins", "SSL method: " + " or ".join(SSL_METHODS))
+    model: ModelConfig = opt(ModelConfig(arch="resnet18", width=64), "teacher encoder")
+    epochs: int = opt(1000, "training epochs")
+    batch_size: int = opt(256, "images per step (two views each)")
+    lr: float = opt(0.01, "Adam learning rate per 256 images (scaled by batch_size/256)")
+    weight_decay: float = opt(1e-6, "Adam weight decay")
+    warmup_epochs: int = opt(10, "linear warm-up epochs before the cosine schedule")
+    projector_dim: int = opt(
+        1024, "Barlow Twins projector width (hidden and output); SimCLR projector hidden width"
+    )
+    simclr_out_dim: int = opt(128, "SimCLR projection output size")
+    bt_lambda: float = opt(1 / 128, "Barlow Twins weight of the redundancy-reduction term")
+    temperature: float = opt(0.5, "SimCLR temperature")
+    checkpoint_every: int = opt(10, "save a resumable training checkpoint every this many epochs")
+    probe: bool = opt(True, "linear-probe the teacher's features at the end and report accuracy")
+
+    def validate(self) -> None:
+        """Raise ConfigError naming the first bad key of this section."""
+        _one_of(self.method, SSL_METHODS, "teacher.method")
+        self.model.validate("teacher.model")
+        _at_least(
+            self, "teacher", ("epochs", "batch_size", "projector_dim", "simclr_out_dim", "checkpoint_every")
+        )
+        check(self.batch_size >= 2, "teacher.batch_size", "must be >= 2 (batch statistics)")
+        check(0 <= self.warmup_epochs <= self.epochs, "teacher.warmup_epochs", "must be in [0, epochs]")
+        check(
+            self.lr > 0 and self.weight_decay >= 0 and self.bt_lambda >= 0 and self.temperature > 0,
+            "teacher",
+            "lr and temperature must be > 0, weight_decay and bt_lambda >= 0",
+        )
+        if self.checkpoint is not None:
+            check(
+                Path(self.checkpoint).expanduser().is_file(),
+                "teacher.checkpoint",
+                f"file not found: {self.checkpoint}",
+            )
+
+
+@dataclass
+class TargetsConfig:
+    """Stage 2: encoding D_real with the teacher."""
+
+    batch_size: int = opt(1024, "images per forward pass when encoding D_real")
+
+    def validate(self) -> None:
+        """Raise ConfigError naming the first bad key of this section."""
+        _at_least(self, "targets", ("batch_size",))
+
+
+@dataclass
+class ExpertsConfig:
+    """Stage 3: the KD students whose trajectories are the experts."""
+
+    num_experts: int = opt(100, "K, the number of expert trajectories")
+    epochs: int = opt(20, "KD epochs per expert")
+    lr: float = opt(0.1, "SGD learning rate")
+    momentum: float = opt(0.9, "SGD momentum")
+    weight_decay: float = opt(1e-4, "SGD weight decay")
+    batch_size: int = opt(256, "images per step")
+    student: ModelConfig = opt(ModelConfig(), "student network (its head regresses the targets)")
+    save_epochs: list[int] | None = opt(
+        None,
+        "epochs whose weights are stored (0 = init); default: "
+        "0..max_start_epoch-1+expert_epochs, 1 and the last. Not "
+        "part of the experts' definition: stages that read an "
+        "epoch check that it was stored",
+    )
+    parallel: int = opt(
+        0,
+        "experts trained at once (stacked weights, one grouped network; 1 = one "
+        "at a time), same results within float tolerance; 0 = auto: 10 on CUDA, "
+        "1 on CPU (batching measured 0.86x there, see benchmarks/experts.py)",
+    )
+
+    def validate(self) -> None:
+        """Raise ConfigError naming the first bad key of this section."""
+        _at_least(self, "experts", ("num_experts", "epochs", "batch_size"))
+        check(
+            self.lr > 0 and 0 <= self.momentum < 1 and self.weight_decay >= 0,
+            "experts",
+            "need lr > 0, 0 <= momentum < 1, weight_decay >= 0",
+        )
+        check(self.parallel >= 0, "experts.parallel", "must be >= 0 (0 = auto, 1 = one at a time)")
+        self.student.validate("experts.student")
+        if self.save_epochs is not None:
+            bad = [x for x in self.save_epochs if not 0 <= x <= self.epochs]
+            check(not bad, "experts.save_epochs", f"epochs {bad} are outside [0, experts.epochs]")
+
+
+@dataclass
+class InitConfig:
+    """Stage 4: the initial subsets (and so the size of the distilled set)."""
+
+    images: int = opt(
+        1000,
+        "|D_syn|: the size of the initial subsets (high-loss and random), and so "
+        "of the distilled set and of the subset baselines",
+    )
+
+    def validate(self) -> None:
+        """Raise ConfigError naming the first bad key of this section."""
+        _at_least(self, "init", ("images",))
+
+
+@dataclass
+class DistillConfig:
+    """Stage 5: trajectory matching."""
+
+    init: str = opt(
+        "high_loss",
+        "initial images: high_loss (top KD loss under the experts' epoch-1 "
+        "weights) or random (a random real subset)",
+    )
+    iterations: int = opt(5000, "trajectory-matching iterations")
+    syn_steps: int = opt(40, "N: SGD steps on synthetic mini-batches per iteration")
+    expert_epochs: int = opt(2, "M: expert epochs the synthetic steps must match")
+    max_start_epoch: int = opt(2, "T+: a trajectory segment starts at an epoch in [0, T+)")
+    batch_syn: int = opt(256, "synthetic images per step")
+    lr_img: float = opt(1000.0, "SGD learning rate of the pixels")
+    lr_lr: float = opt(1e-4, "SGD learning rate of the learnable step size alpha_syn")
+    lr_init: float = opt(0.1, "initial alpha_syn")
+    momentum: float = opt(0.5, "momentum of every distillation optimizer")
+    learn_targets: bool = opt(False, "also learn the synthetic targets Z_syn (the authors' release)")
+    lr_targets: float = opt(1.0, "SGD learning rate of Z_syn when learn_targets is true")
+    trajectories: int = opt(
+        1,
+        "B: expert segments matched per iteration (batched with vmap); the "
+        "loss is their mean, so B > 1 lowers the gradient's variance",
+    )
+    backend: str = opt(
+        "auto",
+        "how the gradient through the N steps is computed (same values): "
+        "unrolled (full autograd graph, memory ~ N), recompute (memory "
+        "independent of N, about 1.2x the time) or auto (recompute when the "
+        "unrolled graph would be large, see BENCHMARKS.md)",
+    )
+    checkpoint_every: int = opt(100, "save a resumable checkpoint every this many iterations")
+    log_every: int = opt(
+        10,
+        "read the loss and alpha_syn back from the device (progress bar, "
+        "divergence check) every this many iterations",
+    )
+
+    def validate(self) -> None:
+        """Raise ConfigError naming the first bad key of this section."""
+        _at_least(
+            self,
+            "distill",
+            (
+                "iterations",
+                "syn_steps",
+                "expert_epochs",
+                "max_start_epoch",
+                "batch_syn",
+                "checkpoint_every",
+                "trajectories",
+                "log_every",
+            ),
+        )
+        _one_of(self.backend, BACKENDS, "distill.backend")
+        _one_of(self.init, INIT_METHODS, "distill.init")
+        for key in ("lr_img", "lr_lr", "lr_init", "lr_targets"):
+            _rate(getattr(self, key), f"distill.{key}")
+        _momentum(self.momentum, "distill.momentum")
+
+
+@dataclass
+class EvaluateConfig:
+    """Stage 6: pre-training on each set and linear probes."""
+
+    methods: list[str] = opt(list(EVAL_METHODS), "pre-training sets to compare: " + ", ".join(EVAL_METHODS))
+    tasks: list[str] | None = opt(
+        None,
+        "downstream tasks as dataset names, or name=root for data "
+        "elsewhere (default: the pre-training dataset)",
+    )
+    label_fractions: list[float] = opt(
+        [0.01, 0.05], "fractions of each task's training labels the linear probe sees"
+    )
+    class_balanced: bool = opt(False, "sample the labelled fraction class-balanced")
+    seeds: int = opt(3, "seeds per setting (each changes the label subset and the pre-training)")
+    model: ModelConfig | None = opt(None, "network pre-trained for evaluation (default: experts.student)")
+    epochs: int = opt(20, "KD pre-training epochs on each set")
+    batch_size: int = opt(256, "KD pre-training batch size")
+    lr: float = opt(0.1, "KD pre-training learning rate for real subsets (mkdt uses its alpha_syn)")
+    momentum: float = opt(0.9, "KD pre-training SGD momentum")
+    weight_decay: float = opt(1e-4, "KD pre-training weight decay")
+    probe_l2: float = opt(1e-3, "L2 penalty of the linear probe's weights")
+    probe_max_iter: int = opt(100, "LBFGS iterations of the linear probe")
+
+    def validate(self) -> None:
+        """Raise ConfigError naming the first bad key of this section."""
+        bad = sorted(set(self.methods) - set(EVAL_METHODS))
+        check(
+            bool(self.methods) and not bad,
+            "evaluate.methods",
+            f"{bad or 'empty'}: choose from {', '.join(EVAL_METHODS)}",
+        )
+        check(
+            bool(self.label_fractions) and all(0 < f <= 1 for f in self.label_fractions),
+            "evaluate.label_fractions",
+            "must be a non-empty list of numbers in (0, 1]",
+        )
+        check(self.tasks is None or len(self.tasks) > 0, "evaluate.tasks", "must be null or non-empty")
+        _at_least(self, "evaluate", ("seeds", "epochs", "batch_size", "probe_max_iter"))
+        check(
+            self.lr > 0 and 0 <= self.momentum < 1 and self.weight_decay >= 0 and self.probe_l2 >= 0,
+            "evaluate",
+            "need lr > 0, 0 <= momentum < 1, weight_decay >= 0, probe_l2 >= 0",
+        )
+        if self.model is not None:
+            self.model.validate("evaluate.model")
+
+
+@dataclass
+class Config:
+    """Every key of mkdt, grouped by stage; the defaults are the paper's CIFAR-10 settings."""
+
+    seed: int = opt(0, "seed from which every random choice is derived")
+    device: str = opt("auto", "auto (cuda if available), cpu, cuda or cuda:N")
+    precision: str = opt(
+        "fp32",
+        "fp32, or bf16: bfloat16 autocast of the networks' forward passes "
+        "(teacher training, experts, distillation's inner steps, evaluation "
+        "pre-training; on GPUs); weights, optimizer states, targets, losses "
+        "and the matching loss stay float32",
+    )
+    channels_last: bool = opt(
+        False, "channels_last memory layout for convolutions (CUDA only; ignored on CPU)"
+    )
+    compile: bool = opt(
+        False,
+        "torch.compile the teacher and the students in module-based training "
+        "(teacher, experts, evaluation); the first epoch pays the compile time",
+    )
+    data: DataConfig = opt(DataConfig(), "real data")
+    teacher: TeacherConfig = opt(TeacherConfig(), "stage 1: SSL teacher")
+    targets: TargetsConfig = opt(TargetsConfig(), "stage 2: teacher targets")
+    experts: ExpertsConfig = opt(ExpertsConfig(), "stage 3: KD expert trajectories")
+    init: InitConfig = opt(InitConfig(), "stage 4: initial synthetic images")
+    distill: DistillConfig = opt(DistillConfig(), "stage 5: trajectory matching")
+    evaluate: EvaluateConfig = opt(EvaluateConfig(), "stage 6: pre-train on each set, linear-probe")
+
+    def validate(self) -> Config:
+        """Raise ConfigError on the first out-of-range value; return self."""
+        check(self.seed >= 0, "seed", "must be >= 0")
+        check(
+            self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"),
+            "device",
+            "must be auto, cpu, cuda or cuda:N",
+        )
+        _one_of(self.precision, PRECISIONS, "precision")
+        for section in (
+            self.data,
+            self.teacher,
+            self.targets,
+            self.experts,
+            self.init,
+            self.distill,
+            self.evaluate,
+        ):
+            section.validate()
+        s, e = self.distill, self.experts
+        check(
+            s.max_start_epoch - 1 + s.expert_epochs <= e.epochs,
+            "distill",
+            f"max_start_epoch - 1 + expert_epochs ({s.max_start_epoch - 1 + s.expert_epochs}) "
+            f"exceeds experts.epochs ({e.epochs})",
+        )
+        missing = sorted(set(self.required_expert_epochs()) - set(self.expert_save_epochs()))
+        check(not missing, "experts.save_epochs", f"must include {missing} (needed by init and distillation)")
+        return self
+
+    def required_expert_epochs(self) -> list[int]:
+        """Epochs that init (epoch 1) and distillation (0 .. T+ - 1 + M) read."""
+        return sorted({1, *range(self.distill.max_start_epoch + self.distill.expert_epochs)})
+
+    def expert_save_epochs(self) -> list[int]:
+        """The expert epochs written to disk: the configured list or the required ones + final."""
+        if self.experts.save_epochs is not None:
+            return sorted(set(self.experts.save_epochs))
+        return sorted({*self.required_expert_epochs(), self.experts.epochs})

@@ -1,0 +1,136 @@
+"""The registered datasets and `load_dataset`: a name (or a path to an ImageFolder tree/archive)
+is resolved to its spec, its files are located (downloaded if asked) and loaded through the
+cache."""
+
+from __future__ import annotations
+
+import os
+from functools import partial
+from pathlib import Path
+
+from mkdt.data.cache import default_cache_dir, load_cached_or_decode, raw_root
+from mkdt.data.decode import reason
+from mkdt.data.formats.cifar import CIFAR10, CIFAR100, decode_cifar, download_cifar, locate_cifar
+from mkdt.data.formats.digits import decode_digits, locate_nothing
+from mkdt.data.formats.fashion_mnist import decode_fashion, download_fashion, fashion_root, locate_fashion
+from mkdt.data.formats.imagefolder import ARCHIVES, LAYOUT, decode_imagefolder, locate_imagefolder
+from mkdt.data.formats.tinyimagenet import decode_tinyimagenet, download_tinyimagenet, locate_tinyimagenet
+from mkdt.data.types import DatasetSpec, ImageData
+from mkdt.errors import DataError
+
+DATASETS: dict[str, DatasetSpec] = {
+    "digits": DatasetSpec(
+        "scikit-learn digits: 1,797 8x8 grayscale images, 10 classes, 80/20 stratified split",
+        locate_nothing,
+        decode_digits,
+    ),
+    "cifar10": DatasetSpec(
+        "CIFAR-10: 50,000 + 10,000 32x32 RGB images, 10 classes",
+        partial(locate_cifar, CIFAR10),
+        partial(decode_cifar, CIFAR10),
+        partial(raw_root, "cifar10"),
+        ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
+        partial(download_cifar, CIFAR10),
+    ),
+    "cifar100": DatasetSpec(
+        "CIFAR-100: 50,000 + 10,000 32x32 RGB images, 100 fine classes",
+        partial(locate_cifar, CIFAR100),
+        partial(decode_cifar, CIFAR100),
+        partial(raw_root, "cifar100"),
+        ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
+        partial(download_cifar, CIFAR100),
+    ),
+    "tinyimagenet": DatasetSpec(
+        "Tiny ImageNet: 100,000 + 10,000 (val) 64x64 RGB images, 200 classes",
+        locate_tinyimagenet,
+        decode_tinyimagenet,
+        partial(raw_root, "tinyimagenet"),
+        ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),  # ImageNet's
+        download_tinyimagenet,
+    ),
+    "fashion-mnist": DatasetSpec(
+        "Fashion-MNIST: 60,000 + 10,000 28x28 grayscale images, 10 classes",
+        locate_fashion,
+        decode_fashion,
+        fashion_root,
+        None,
+        download_fashion,
+    ),
+    "imagefolder": DatasetSpec(
+        f"any ImageFolder tree or {ARCHIVES} archive (train/ + test/ or val/, else a 10% "
+        "stratified test split)",
+        locate_imagefolder,
+        decode_imagefolder,
+    ),
+}
+
+
+def dataset_names() -> list[str]:
+    """Registered dataset names, sorted."""
+    return sorted(DATASETS)
+
+
+def load_dataset(
+    name: str,
+    root: str | os.PathLike[str] | None = None,
+    *,
+    download: bool = False,
+    cache_dir: str | os.PathLike[str] | None = None,
+    resolution: int | None = None,
+) -> ImageData:
+    """Load a registered dataset, or an ImageFolder folder/archive given as `name` (or as `root`
+    with name "imagefolder").
+
+    The decoded native-size tensors are cached in <cache_dir>/datasets/ (cache_dir defaults to
+    `default_cache_dir()`), keyed by name, source path and the source files' sizes and mtimes.
+    `resolution` resizes both splits to resolution x resolution after loading; `download`
+    fetches missing files where the dataset supports it. Raises DataError for any problem with
+    the data, including non-square images without a resolution.
+    """
+    name, spec, root_path = _resolve(name, root)
+    source = _locate(spec, root_path, download)
+    cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    folder = (cache.expanduser() / "datasets").resolve()
+    data = load_cached_or_decode(name, spec, source, folder, resolution)
+    if resolution is not None:
+        data = data.resized(resolution)
+    height, width = data.train_images.shape[2:]
+    if height != width:
+        raise DataError(
+            f"{name} images are {width}x{height} but MKDT needs square images; pass data.resolution=<pixels>"
+        )
+    return data
+
+
+def _resolve(name: str, root: str | os.PathLike[str] | None) -> tuple[str, DatasetSpec, Path | None]:
+    """Registry name, spec and root for a dataset name or a path to an ImageFolder tree/archive."""
+    spec = DATASETS.get(name)
+    if spec is None:
+        path = Path(name).expanduser()
+        if not path.exists():
+            raise DataError(
+                f"unknown dataset {name!r}: expected one of "
+                f"{', '.join(dataset_names())}, or an existing path to {LAYOUT} "
+                f"or a {ARCHIVES} of one; check data.name"
+            )
+        return "imagefolder", DATASETS["imagefolder"], path.resolve()
+    if root is not None:
+        return name, spec, Path(root).expanduser().resolve()
+    return name, spec, spec.default_root() if spec.default_root else None
+
+
+def _locate(spec: DatasetSpec, root: Path | None, download: bool) -> Path | None:
+    """The spec's source under root, downloaded first if it is missing and `download` is set."""
+    try:
+        return spec.locate(root)
+    except DataError:
+        if not download or spec.download is None or root is None:
+            raise
+    try:
+        spec.download(root)
+    except Exception as err:  # network, checksum and archive errors come in many types
+        raise DataError(
+            f"downloading into {root} failed ({reason(err)}); check the network, "
+            "or put the files there by hand"
+        ) from err
+    return spec.locate(root)

@@ -1,0 +1,163 @@
+"""Files written atomically and read without executing code: the storage layer under the run
+directory (:mod:`mkdt.store`) and the dataset cache (:mod:`mkdt.data.cache`).
+
+- tensors: safetensors files whose JSON metadata sits under the header key ``mkdt``;
+  :func:`read_metadata` reads it from the header alone (no tensor is loaded);
+- checkpoints: plain dicts of tensors, numbers and strings saved with ``torch.save`` and loaded
+  with ``weights_only=True``;
+- text and JSON.
+
+Every write goes to a temporary file beside the target and replaces it with one ``os.replace``,
+so a kill leaves either the old file or the new one. A missing or unreadable file raises
+:class:`ArtifactError` naming it.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import os
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from mkdt.errors import ArtifactError
+
+METADATA_KEY = "mkdt"
+
+
+@contextmanager
+def atomic_path(path: Path) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; on success it replaces ``path`` in one rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def write_text(path: Path, text: str) -> None:
+    """``text`` written atomically to ``path``."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+
+
+def write_json(path: Path, data: Any) -> None:
+    """``data`` as indented JSON with sorted keys, written atomically."""
+    write_text(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+def read_json(path: Path) -> Any:
+    """The JSON in ``path``; an unreadable file raises ArtifactError."""
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ArtifactError(f"cannot read {path}: {exc}; delete it to redo that stage") from None
+
+
+def save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, Any]) -> None:
+    """safetensors file with ``metadata`` stored as JSON under the key ``mkdt``."""
+    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata={METADATA_KEY: json.dumps(metadata, sort_keys=True)})
+
+
+def load_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Inverse of :func:`save_tensors`; a missing or corrupt file raises ArtifactError."""
+    metadata = read_metadata(path)
+    try:
+        return load_file(str(path)), metadata
+    except (SafetensorError, OSError) as exc:
+        raise ArtifactError(f"corrupt artifact {path} ({exc}); delete it to redo that stage") from None
+
+
+def read_metadata(path: Path) -> dict[str, Any]:
+    """The ``mkdt`` metadata of a :func:`save_tensors` file, read from its header alone."""
+    if not path.is_file():
+        raise ArtifactError(f"missing artifact {path}")
+    try:
+        with open(path, "rb") as fh:
+            header_len = int.from_bytes(fh.read(8), "little")
+            if header_len > path.stat().st_size:
+                raise ValueError("header longer than the file")
+            header = json.loads(fh.read(header_len))
+        metadata: dict[str, Any] = json.loads(header.get("__metadata__", {}).get(METADATA_KEY, "{}"))
+        return metadata
+    except (OSError, ValueError, AttributeError) as exc:
+        raise ArtifactError(f"corrupt artifact {path} ({exc}); delete it to redo that stage") from None
+
+
+def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
+    """A plain-dict checkpoint (tensors, numbers, strings) written atomically."""
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
+
+
+def load_checkpoint(path: Path) -> dict[str, Any]:
+    """A :func:`save_checkpoint` file, loaded with ``weights_only=True`` (no code runs)."""
+    try:
+        state: dict[str, Any] = torch.load(path, map_location="cpu", weights_only=True)
+        return state
+    except Exception as exc:  # torch raises many types for a bad file
+        raise ArtifactError(f"corrupt checkpoint {path} ({type(exc).__name__}); delete it") from None
+
+
+def file_sha256(path: Path) -> str:
+    """sha256 of a file's bytes, computed once per (path, size, mtime) in a process: stage
+    definitions ask for the teacher checkpoint's hash once per expert file they check."""
+    stat = path.stat()
+    return _sha256(str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=16)
+def _sha256(path: str, size: int, mtime_ns: int) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def fingerprint(defining: dict[str, Any]) -> str:
+    """Short hash of a JSON-able dict (sorted keys): the identity of what a definition produces."""
+    return hashlib.sha256(json.dumps(defining, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """A nested dict as ``{"a.b.c": value}``."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(flatten(v, f"{prefix}{k}."))
+        else:
+            out[prefix + k] = v
+    return out
+
+
+def describe_difference(old: dict[str, Any], new: dict[str, Any]) -> str:
+    """``key: old -> new`` for the first few keys whose values differ."""
+    a, b = flatten(old), flatten(new)
+    diffs = [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+    return "; ".join(diffs[:4]) + (" ..." if len(diffs) > 4 else "")
+
+
+def check_same_definition(what: str, where: Path, found: dict[str, Any], defining: dict[str, Any]) -> None:
+    """Raise ArtifactError when ``found`` (a record or checkpoint holding ``fingerprint`` and
+    ``defining``) was made with another definition than ``defining``, naming the keys that differ."""
+    if found.get("fingerprint") != fingerprint(defining):
+        raise ArtifactError(
+            f"the {what} in {where} was made with a different config "
+            f"({describe_difference(found.get('defining', {}), defining)}); use another --out, "
+            f"or --force to redo {what} and the stages after it"
+        )

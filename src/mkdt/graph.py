@@ -1,0 +1,186 @@
+"""The pipeline's stages, declared once: what each stage reads, and which config keys define it.
+
+Everything that needs to know the shape of the pipeline reads :data:`STAGES`: the stages' order,
+the fingerprints that decide whether an artifact may be reused (:func:`defining`), the CLI's
+per-stage help, and the prerequisites a stage checks before it starts.
+
+A stage's *definition* is the part of the config its result depends on: the values of its own
+``keys``, with those of every stage it reads, nested as in the config (so a difference is reported
+as ``experts.lr: 0.1 -> 0.05``). ``settings`` are keys a stage uses that do not change its result
+(speed, layout, logging). A few values are resolved rather than copied (:func:`_resolved`): a teacher
+loaded from a checkpoint is defined by the file's sha256 and its architecture; the evaluation's
+network by ``evaluate.model`` or, when that is null, ``experts.student``. Which epochs the experts
+store is not part of their definition: stages that read an epoch check that it was stored.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from mkdt.config import Config
+from mkdt.files import file_sha256
+
+RUNTIME_KEYS = ("device", "precision", "channels_last", "compile")
+DATA_SOURCE_KEYS = ("data.root", "data.download", "data.cache_dir")
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One stage of the pipeline."""
+
+    name: str
+    summary: str
+    reads: tuple[str, ...]  # stages whose artifacts it always reads
+    keys: tuple[str, ...]  # config keys (leaves or whole sections) that define its result
+    settings: tuple[str, ...] = ()  # keys it uses that do not change its result
+    reads_if: tuple[tuple[str, Callable[[Config], bool]], ...] = ()  # stages read under a condition
+
+    def inputs(self, config: Config) -> tuple[str, ...]:
+        """The stages this stage reads with ``config``."""
+        return (*self.reads, *(stage for stage, needed in self.reads_if if needed(config)))
+
+    @property
+    def command(self) -> str:
+        """The CLI command that runs the stage."""
+        return f"mkdt {self.name}"
+
+
+def _evaluates(*methods: str) -> Callable[[Config], bool]:
+    return lambda config: bool(set(config.evaluate.methods) & set(methods))
+
+
+STAGES: dict[str, Stage] = {
+    s.name: s
+    for s in (
+        Stage(
+            "teacher",
+            "train the SSL teacher (or load teacher.checkpoint) and linear-probe it",
+            reads=(),
+            keys=("seed", "data.name", "data.resolution", "data.pool_size", "teacher"),
+            settings=(
+                *RUNTIME_KEYS,
+                *DATA_SOURCE_KEYS,
+                "teacher.checkpoint_every",
+                "teacher.probe",
+                "targets.batch_size",
+            ),
+        ),
+        Stage(
+            "targets",
+            "encode D_real with the teacher: the KD regression targets",
+            reads=("teacher",),
+            keys=(),
+            settings=(*RUNTIME_KEYS, "targets.batch_size"),
+        ),
+        Stage(
+            "experts",
+            "train K KD students and save their weights each epoch (expert trajectories)",
+            reads=("targets",),
+            keys=("experts",),
+            settings=(*RUNTIME_KEYS, "experts.parallel", "experts.save_epochs"),
+        ),
+        Stage(
+            "init",
+            "choose the initial synthetic images: high-KD-loss and random real subsets",
+            reads=("experts",),
+            keys=("init",),
+            settings=("device",),
+        ),
+        Stage(
+            "distill",
+            "optimise the synthetic images (and alpha_syn) by matching expert trajectories",
+            reads=("init",),
+            keys=("distill",),
+            settings=(*RUNTIME_KEYS, "distill.backend", "distill.checkpoint_every", "distill.log_every"),
+        ),
+        Stage(
+            "evaluate",
+            "pre-train a student on each set (baselines and MKDT), linear-probe it, write results",
+            reads=("targets",),
+            keys=("evaluate",),
+            settings=RUNTIME_KEYS,
+            reads_if=(("init", _evaluates("random", "high_loss")), ("distill", _evaluates("mkdt"))),
+        ),
+    )
+}
+
+_NOT_DEFINING = frozenset(key for stage in STAGES.values() for key in stage.settings)
+
+
+def _value(config: Config, dotted: str) -> Any:
+    value: Any = config
+    for part in dotted.split("."):
+        value = getattr(value, part)
+    return (
+        dataclasses.asdict(value)
+        if dataclasses.is_dataclass(value) and not isinstance(value, type)
+        else value
+    )
+
+
+def _drop_settings(value: Any, dotted: str) -> Any:
+    """A section's dict without the keys that are settings of some stage."""
+    if not isinstance(value, dict):
+        return value
+    return {
+        k: _drop_settings(v, f"{dotted}.{k}")
+        for k, v in value.items()
+        if f"{dotted}.{k}" not in _NOT_DEFINING
+    }
+
+
+def _resolved(config: Config, stage: str, own: dict[str, Any]) -> dict[str, Any]:
+    """``own`` with the values that are resolved rather than copied (see the module docstring)."""
+    if stage == "teacher" and config.teacher.checkpoint is not None:
+        own["teacher"] = {
+            "checkpoint_sha256": file_sha256(Path(config.teacher.checkpoint).expanduser()),
+            "model": dataclasses.asdict(config.teacher.model),
+        }
+    if stage == "evaluate":
+        model = config.evaluate.model or config.experts.student
+        own["evaluate"]["model"] = dataclasses.asdict(model)
+    return own
+
+
+def _nest(into: dict[str, Any], dotted: str, value: Any) -> None:
+    *parents, leaf = dotted.split(".")
+    for part in parents:
+        into = into.setdefault(part, {})
+    into[leaf] = value
+
+
+def defining(config: Config, stage: str) -> dict[str, Any]:
+    """The definition of ``stage`` under ``config``: its own keys and those of every stage it
+    reads, nested as in the config."""
+    spec = STAGES[stage]
+    own: dict[str, Any] = {}
+    for key in spec.keys:
+        _nest(own, key, _drop_settings(_value(config, key), key))
+    own = _resolved(config, stage, own)
+    for upstream in spec.inputs(config):
+        _merge(own, defining(config, upstream))
+    return own
+
+
+def _merge(into: dict[str, Any], other: dict[str, Any]) -> None:
+    for key, value in other.items():
+        if isinstance(value, dict) and isinstance(into.get(key), dict):
+            _merge(into[key], value)
+        else:
+            into[key] = value
+
+
+def later_stages(stage: str) -> list[str]:
+    """``stage`` and every stage after it, in pipeline order."""
+    names = list(STAGES)
+    return names[names.index(stage) :]
+
+
+def stage_keys(stage: str) -> tuple[str, ...]:
+    """The config keys (or key prefixes) a stage uses, defining ones first: for its --help."""
+    spec = STAGES[stage]
+    return (*spec.keys, *spec.settings)

@@ -1,0 +1,1 @@
+"""Networks, losses and augmentations: the building blocks the training loops use."""

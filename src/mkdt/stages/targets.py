@@ -1,0 +1,47 @@
+"""Stage 2: teacher targets Z_T = f_T(x) for every x in D_real.
+
+The teacher's pre-projection features (8 x teacher width: 512 for a width-64 ResNet-18), computed
+once in eval mode from D_real normalised with the teacher's statistics, in batches, and stored as
+``targets/targets.safetensors`` (rows in D_real order).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from mkdt.config import Config
+from mkdt.data.real import RealData
+from mkdt.nn.loading import load_encoder
+from mkdt.runtime import Runtime
+from mkdt.stages.context import StageContext
+from mkdt.train.kd import encode
+
+STAGE = "targets"
+
+
+def run(
+    config: Config,
+    out: str | Path,
+    *,
+    force: bool = False,
+    real: RealData | None = None,
+    runtime: Runtime | None = None,
+) -> dict[str, Any]:
+    """Encode D_real with the run's teacher into ``out/targets``; skip if done."""
+    ctx = StageContext(STAGE, config, out, real, runtime)
+    if (done := ctx.finished(force)) is not None:
+        return done
+    data = ctx.real.data
+    encoder = load_encoder(ctx.store.encoder_path, config.teacher.model, data.channels, data.image_size)
+    targets = encode(
+        encoder.to(ctx.runtime.device), ctx.real.inputs, config.targets.batch_size, desc="targets"
+    )
+    ctx.store.save_targets(targets)
+    return ctx.finish(
+        {
+            "num_images": len(targets),
+            "dim": int(targets.shape[1]),
+            "images_per_second": len(targets) / ctx.seconds(),
+        }
+    )

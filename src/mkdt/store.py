@@ -1,0 +1,370 @@
+"""The run directory: stage records, and every artifact's typed reader and writer.
+
+Stages talk to each other only through this store. Layout of a run directory ``OUT``::
+
+    OUT/config.yaml                          resolved config of the last command
+    OUT/manifest.json                        config, seed, code version, every finished stage's record
+    OUT/<stage>/stage.json                   the stage's record: fingerprint, definition, time, result
+    OUT/teacher/encoder.safetensors          teacher encoder state dict (+ model, normalisation)
+    OUT/teacher/checkpoint.pt                resumable SSL training state
+    OUT/targets/targets.safetensors          ``targets`` (N, D) float32, rows in D_real order
+    OUT/experts/expert_KKKK.safetensors      ``params`` (S, P), ``epochs`` (S,), ``loss`` (epochs,)
+    OUT/init/indices.safetensors             ``high_loss`` (n,), ``random`` (n,), ``loss`` (N,)
+    OUT/distill/synthetic.safetensors        ``images``, ``targets``, ``lr`` (the distilled set)
+    OUT/distill/grid.png, checkpoint.pt      the distilled images; resumable matching state
+    OUT/evaluate/partial.json                finished (method, seed) evaluations
+    OUT/results.json, OUT/results.md         the evaluation's records and table
+
+A stage is finished when its ``stage.json`` exists; that record is written last, so a crash never
+leaves a stage that looks finished. Each stage's *definition* (:mod:`mkdt.graph`) is stored in its
+record and in every artifact it makes, and a stage refuses to reuse or extend one made with another
+definition. Records live in one file per stage so that ranks of a distributed run can share a folder.
+"""
+
+from __future__ import annotations
+
+import datetime
+import functools
+import math
+import platform
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mkdt.errors import ArtifactError
+from mkdt.files import (
+    atomic_path,
+    check_same_definition,
+    fingerprint,
+    load_tensors,
+    read_json,
+    read_metadata,
+    save_tensors,
+    write_json,
+    write_text,
+)
+from mkdt.train.kd import Trajectory
+
+INIT_METHODS = ("high_loss", "random")  # the subsets the init stage stores (tensor names)
+
+
+@dataclass
+class SyntheticSet:
+    """A pre-training set: normalised images, their regression targets and the step size to train
+    on them with (the distilled set, or a real subset with the evaluation's lr)."""
+
+    images: torch.Tensor  # (n, C, H, W) float32, normalised like D_real
+    targets: torch.Tensor  # (n, D) float32
+    lr: float
+
+
+def now() -> str:
+    """The current UTC time, ISO 8601 to the second."""
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+
+
+def versions() -> dict[str, Any]:
+    """The code that made a record: mkdt's version, and when mkdt runs from a git checkout its
+    commit and whether the checkout had uncommitted changes; torch and Python versions."""
+    from mkdt import __version__
+
+    return {
+        "mkdt": __version__,
+        **_git_state(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+    }
+
+
+@functools.lru_cache(maxsize=1)
+def _git_state() -> dict[str, Any]:
+    """{"git_commit", "git_dirty"} of the checkout holding this package, {} when it is not in one."""
+    here = Path(__file__).resolve().parent
+    try:
+        top = subprocess.run(
+            ["git", "-C", str(here), "rev-parse", "--show-toplevel"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        ).stdout.strip()
+        if not (Path(top) / "src" / "mkdt").resolve() == here:
+            return {}
+        commit = subprocess.run(
+            ["git", "-C", top, "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10, check=True
+        ).stdout.strip()
+        status = subprocess.run(
+            ["git", "-C", top, "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=True,
+        ).stdout
+    except (OSError, subprocess.SubprocessError):
+        return {}
+    return {"git_commit": commit, "git_dirty": bool(status.strip())}
+
+
+class RunDir:
+    """A run directory: stage records, compatibility checks, the manifest, typed artifacts."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path).expanduser()
+
+    # ------------------------------------------------------------ stage records
+
+    def stage_dir(self, stage: str) -> Path:
+        """The folder of a stage's artifacts and record."""
+        return self.path / stage
+
+    def record(self, stage: str) -> dict[str, Any] | None:
+        """The finished stage's record, or None if the stage has not finished."""
+        path = self.stage_dir(stage) / "stage.json"
+        record: dict[str, Any] | None = read_json(path) if path.is_file() else None
+        return record
+
+    def is_done(self, stage: str, defining: dict[str, Any]) -> bool:
+        """True if the stage finished with this definition; ArtifactError if with another one."""
+        record = self.record(stage)
+        if record is None:
+            return False
+        check_same_definition(stage, self.stage_dir(stage), record, defining)
+        return True
+
+    def finished_or_reset(
+        self, stage: str, defining: dict[str, Any], force: bool, scratch: tuple[Path, ...] = ()
+    ) -> dict[str, Any] | None:
+        """The record of a stage finished with this definition (skip it), or None (run it).
+
+        With ``force`` the record and the ``scratch`` files (checkpoints, partial results) are
+        removed first; a record made with another definition raises ArtifactError.
+        """
+        if force:
+            self.invalidate([stage])
+            for path in scratch:
+                path.unlink(missing_ok=True)
+            return None
+        return self.record(stage) if self.is_done(stage, defining) else None
+
+    def require(self, stage: str, defining: dict[str, Any], command: str) -> dict[str, Any]:
+        """The record of a prerequisite stage, checked against its definition."""
+        record = self.record(stage)
+        if record is None:
+            raise ArtifactError(f"no finished {stage} in {self.path}; run `{command}` first")
+        check_same_definition(stage, self.stage_dir(stage), record, defining)
+        return record
+
+    def finish(
+        self, stage: str, defining: dict[str, Any], seconds: float, result: dict[str, Any]
+    ) -> dict[str, Any]:
+        """Write the stage record (last, so a crash never leaves a stage that looks finished)."""
+        record = {
+            "fingerprint": fingerprint(defining),
+            "defining": defining,
+            "seconds": seconds,
+            "finished": now(),
+            "versions": versions(),
+            "result": result,
+        }
+        write_json(self.stage_dir(stage) / "stage.json", record)
+        return record
+
+    def write_manifest(self, config: dict[str, Any], stages: list[str]) -> None:
+        """manifest.json: the config, seed, code version, creation time and every stage's record."""
+        path = self.path / "manifest.json"
+        created = read_json(path).get("created", now()) if path.is_file() else now()
+        records = {s: r for s in stages if (r := self.record(s)) is not None}
+        write_json(
+            path,
+            {
+                "created": created,
+                "updated": now(),
+                "seed": config.get("seed"),
+                "versions": versions(),
+                "config": config,
+                "stages": records,
+            },
+        )
+
+    def invalidate(self, stages: list[str]) -> None:
+        """Forget finished stages (their records), e.g. for --force; artifacts are overwritten later."""
+        for stage in stages:
+            (self.stage_dir(stage) / "stage.json").unlink(missing_ok=True)
+
+    # ------------------------------------------------------------ teacher
+
+    @property
+    def encoder_path(self) -> Path:
+        """``teacher/encoder.safetensors``."""
+        return self.stage_dir("teacher") / "encoder.safetensors"
+
+    @property
+    def teacher_checkpoint_path(self) -> Path:
+        """``teacher/checkpoint.pt``: the resumable SSL training state."""
+        return self.stage_dir("teacher") / "checkpoint.pt"
+
+    def save_encoder(self, encoder: torch.nn.Module, metadata: dict[str, Any]) -> None:
+        """The teacher encoder's state dict, with its model and normalisation in ``metadata``."""
+        save_tensors(self.encoder_path, encoder.state_dict(), metadata)
+
+    # ------------------------------------------------------------ targets
+
+    @property
+    def targets_path(self) -> Path:
+        """``targets/targets.safetensors``."""
+        return self.stage_dir("targets") / "targets.safetensors"
+
+    def save_targets(self, targets: torch.Tensor) -> None:
+        """The (N, D) teacher targets, rows in D_real order."""
+        save_tensors(
+            self.targets_path, {"targets": targets}, {"num_images": len(targets), "dim": targets.shape[1]}
+        )
+
+    def load_targets(self, num_images: int) -> torch.Tensor:
+        """The (N, D) targets, checked against the size of D_real."""
+        targets = load_tensors(self.targets_path)[0]["targets"]
+        if len(targets) != num_images:
+            raise ArtifactError(
+                f"{self.targets_path} has {len(targets)} rows but D_real has "
+                f"{num_images} images; redo the stage with --force"
+            )
+        return targets
+
+    # ------------------------------------------------------------ experts
+
+    def expert_path(self, k: int) -> Path:
+        """``experts/expert_KKKK.safetensors`` of expert k."""
+        return self.stage_dir("experts") / f"expert_{k:04d}.safetensors"
+
+    def save_expert(self, k: int, trajectory: Trajectory, fp: str, metadata: dict[str, Any]) -> None:
+        """Expert k's trajectory, tagged with the experts' fingerprint ``fp``."""
+        save_tensors(
+            self.expert_path(k),
+            {"params": trajectory.params, "epochs": torch.tensor(trajectory.epochs), "loss": trajectory.loss},
+            {"fingerprint": fp, "index": k, **metadata},
+        )
+
+    def has_expert(self, k: int, fp: str) -> bool:
+        """Whether expert k exists with fingerprint ``fp`` (read from the header alone; files are
+        written atomically, so an existing file is complete)."""
+        path = self.expert_path(k)
+        if not path.is_file():
+            return False
+        try:
+            return read_metadata(path).get("fingerprint") == fp
+        except ArtifactError:
+            return False
+
+    def expert_metadata(self, k: int) -> dict[str, Any]:
+        """Expert k's metadata (fingerprint, index, arch, final loss), from the file's header."""
+        return read_metadata(self.expert_path(k))
+
+    def load_expert(self, k: int, fp: str, epochs: list[int] | None = None) -> Trajectory:
+        """Expert k, checked against the fingerprint ``fp`` and, when given, holding ``epochs``."""
+        path = self.expert_path(k)
+        tensors, meta = load_tensors(path)
+        if meta.get("fingerprint") != fp:
+            raise ArtifactError(
+                f"{path} was made with a different config; use another --out or redo experts with --force"
+            )
+        trajectory = Trajectory(tensors["params"], tuple(tensors["epochs"].tolist()), tensors["loss"])
+        missing = sorted(set(epochs or ()) - set(trajectory.epochs))
+        if missing:
+            raise ArtifactError(
+                f"{path} stores epochs {list(trajectory.epochs)} but epochs {missing} "
+                "are needed; redo experts with --force (experts.save_epochs must "
+                "include them)"
+            )
+        return trajectory
+
+    # ------------------------------------------------------------ init
+
+    @property
+    def indices_path(self) -> Path:
+        """``init/indices.safetensors``."""
+        return self.stage_dir("init") / "indices.safetensors"
+
+    def save_indices(self, subsets: dict[str, torch.Tensor], loss: torch.Tensor) -> None:
+        """The init subsets (``INIT_METHODS`` -> (n,) indices into D_real) and the (N,) per-image loss."""
+        n = len(next(iter(subsets.values())))
+        save_tensors(self.indices_path, {**subsets, "loss": loss}, {"images": n})
+
+    def load_indices(self, images: int) -> dict[str, torch.Tensor]:
+        """{"high_loss": (n,), "random": (n,), "loss": (N,)}, checked to hold ``images`` indices."""
+        tensors = load_tensors(self.indices_path)[0]
+        if len(tensors["high_loss"]) != images:
+            raise ArtifactError(f"{self.indices_path} does not hold {images} indices; redo init with --force")
+        return tensors
+
+    # ------------------------------------------------------------ distill
+
+    @property
+    def synthetic_path(self) -> Path:
+        """``distill/synthetic.safetensors``: the distilled set."""
+        return self.stage_dir("distill") / "synthetic.safetensors"
+
+    @property
+    def distill_checkpoint_path(self) -> Path:
+        """``distill/checkpoint.pt``: the resumable matching state."""
+        return self.stage_dir("distill") / "checkpoint.pt"
+
+    def save_synthetic(
+        self, synthetic: SyntheticSet, mean: tuple[float, ...], std: tuple[float, ...], iterations: int
+    ) -> None:
+        """The distilled set; ``mean``/``std`` map its images back to pixels (x * std + mean)."""
+        if synthetic.lr <= 0 or not math.isfinite(synthetic.lr) or not torch.isfinite(synthetic.images).all():
+            raise ArtifactError(
+                f"distillation ended with alpha_syn = {synthetic.lr:.4g} or non-finite "
+                "images; lower distill.lr_img or distill.lr_lr and rerun with --force"
+            )
+        save_tensors(
+            self.synthetic_path,
+            {"images": synthetic.images, "targets": synthetic.targets, "lr": torch.tensor(synthetic.lr)},
+            {"mean": list(mean), "std": list(std), "iterations": iterations},
+        )
+
+    def load_synthetic(self) -> SyntheticSet:
+        """The distilled set (images normalised like D_real, targets, alpha_syn)."""
+        tensors = load_tensors(self.synthetic_path)[0]
+        return SyntheticSet(tensors["images"], tensors["targets"], float(tensors["lr"]))
+
+    def save_grid(
+        self, images: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...], max_images: int = 400
+    ) -> None:
+        """``distill/grid.png``: (up to ``max_images``) normalised images mapped back to pixels."""
+        from torchvision.utils import save_image
+
+        m = torch.tensor(mean).view(1, -1, 1, 1)
+        s = torch.tensor(std).view(1, -1, 1, 1)
+        pixels = (images[:max_images].detach().cpu() * s + m).clamp(0, 1)
+        nrow = max(1, int(math.sqrt(len(pixels))))
+        with atomic_path(self.stage_dir("distill") / "grid.png") as tmp:
+            save_image(pixels, tmp, nrow=nrow, padding=1, format="png")
+
+    # ------------------------------------------------------------ evaluate
+
+    @property
+    def partial_path(self) -> Path:
+        """``evaluate/partial.json``: finished (method, seed) evaluations."""
+        return self.stage_dir("evaluate") / "partial.json"
+
+    def load_partial(self, fp: str) -> dict[str, Any]:
+        """Finished (method, seed) runs ``{"method/seed": run}`` of partial.json made with
+        fingerprint ``fp``; {} if it is absent or made with another definition."""
+        if not self.partial_path.is_file():
+            return {}
+        partial = read_json(self.partial_path)
+        runs: dict[str, Any] = partial.get("runs", {}) if partial.get("fingerprint") == fp else {}
+        return runs
+
+    def save_partial(self, fp: str, runs: dict[str, Any]) -> None:
+        """partial.json with the finished ``runs`` of an evaluation with fingerprint ``fp``."""
+        write_json(self.partial_path, {"fingerprint": fp, "runs": runs})
+
+    def save_results(self, records: list[dict[str, Any]], table: str) -> None:
+        """``results.json`` (the records of :mod:`mkdt.report`) and ``results.md`` (the table)."""
+        write_json(self.path / "results.json", records)
+        write_text(self.path / "results.md", table)

@@ -1,0 +1,434 @@
+"""Trajectory matching (docs/method.md, "Distillation"): the gradient of the matching loss through
+N inner SGD steps on the synthetic set, two ways, and the loop that optimises the set.
+
+One iteration draws B segments (expert k, start epoch s), starts a student at theta*_{k,s}, takes
+N steps theta_{n+1} = theta_n - alpha_syn * grad KDLoss(f_{theta_n}(x_b), Z_syn[b]) on synthetic
+mini-batches, and scores theta_N with :func:`~mkdt.nn.losses.matching_distance` against
+theta*_{k,s+M}. Its gradient with respect to the pixels, alpha_syn (and Z_syn when learned) comes
+from one of two backends with the same values:
+
+- ``unrolled`` (:func:`unrolled_matching_loss`): the full autograd graph (memory grows with N);
+- ``recompute`` (:func:`recompute_matching_grads`): keeps only the N + 1 parameter vectors and
+  rebuilds one step at a time in reverse, with Hessian-vector products (memory independent of N).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from collections.abc import Callable, Sequence
+from contextlib import nullcontext
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+from torch import nn
+
+from mkdt.errors import ArtifactError
+from mkdt.nn.losses import KDLoss, matching_distance
+from mkdt.nn.models import unflatten_params
+from mkdt.runtime import Runtime, progress
+from mkdt.train.checkpoint import PeriodicCheckpoint
+from mkdt.train.kd import Trajectory
+
+BACKENDS = ("auto", "unrolled", "recompute")
+_GRAPH_FACTOR = 2  # measured with benchmarks/distill.py (1.6-1.8 on CPU for ConvNetD3), see BENCHMARKS.md
+_PER_MEMBER = KDLoss("per_member")
+Autocast = Callable[[], Any]
+
+
+class MatchingRecipe(Protocol):
+    """What matching reads of the distillation config (:class:`mkdt.config.DistillConfig`)."""
+
+    iterations: int
+    syn_steps: int
+    expert_epochs: int
+    max_start_epoch: int
+    batch_syn: int
+    lr_img: float
+    lr_lr: float
+    lr_init: float
+    momentum: float
+    learn_targets: bool
+    lr_targets: float
+    trajectories: int
+    backend: str
+    log_every: int
+
+
+def sample_batches(n: int, batch_size: int, steps: int, gen: torch.Generator) -> torch.Tensor:
+    """(steps, min(batch_size, n)) indices: consecutive chunks of random permutations of range(n),
+    a new permutation drawn whenever one is used up."""
+    b = min(batch_size, n)
+    per_perm = n // b
+    perms = [
+        torch.randperm(n, generator=gen, device=gen.device)[: per_perm * b].view(per_perm, b)
+        for _ in range(math.ceil(steps / per_perm))
+    ]
+    return torch.cat(perms)[:steps]
+
+
+def _segment_grads(
+    student: nn.Module, theta: torch.Tensor, x: torch.Tensor, z: torch.Tensor, create_graph: bool
+) -> torch.Tensor:
+    """Inner gradients g_b = grad_theta KDLoss(f_{theta_b}(x_b), z_b) of B segments at once.
+
+    ``theta`` (B, P), ``x`` (B, b, C, H, W), ``z`` (B, b, D) -> (B, P). B > 1 runs the students with
+    ``torch.func.vmap``; the loss summed over segments gives each segment its own gradient. Buffers
+    (batch-norm running statistics, which a training-mode forward updates but never reads) get one
+    scratch copy per segment there, so vmap can update them.
+    """
+    if theta.shape[0] == 1:
+        out = torch.func.functional_call(student, unflatten_params(student, theta[0]), (x[0],))[None]
+    else:
+        buffers = {name: b.expand(len(theta), *b.shape).clone() for name, b in student.named_buffers()}
+
+        def forward(t: torch.Tensor, buf: dict[str, torch.Tensor], xb: torch.Tensor) -> torch.Tensor:
+            return torch.func.functional_call(student, (unflatten_params(student, t), buf), (xb,))
+
+        out = torch.func.vmap(forward)(theta, buffers, x)
+    loss = _PER_MEMBER(out, z).sum()
+    return torch.autograd.grad(loss, theta, create_graph=create_graph)[0]
+
+
+def _as_segments(
+    start: torch.Tensor, target: torch.Tensor, batches: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Accept one segment ((P,), (P,), (N, b)) or B segments ((B, P), (B, P), (N, B, b))."""
+    if start.dim() == 1:
+        return start[None], target[None], batches[:, None]
+    return start, target, batches
+
+
+def unrolled_matching_loss(
+    student: nn.Module,
+    start: torch.Tensor,
+    target: torch.Tensor,
+    images: torch.Tensor,
+    targets: torch.Tensor,
+    lr: torch.Tensor,
+    batches: torch.Tensor,
+    autocast: Autocast = nullcontext,
+) -> torch.Tensor:
+    """L_DD with the full autograd graph through the N = len(batches) SGD steps (the reference).
+
+    One segment (``start``/``target`` (P,), ``batches`` (N, b)) or B segments ((B, P), (N, B, b)),
+    whose losses are averaged. Differentiable w.r.t. ``images``, ``targets`` and ``lr``; memory
+    grows linearly with N.
+    """
+    start, target, batches = _as_segments(start, target, batches)
+    with torch.enable_grad():  # the inner gradients are needed even under no_grad
+        theta = start.detach().requires_grad_(True)
+        for idx in batches:
+            with autocast():
+                grad = _segment_grads(student, theta, images[idx], targets[idx], create_graph=True)
+            theta = theta - lr * grad
+        return matching_distance(theta, start, target)
+
+
+@dataclass
+class MatchingGrads:
+    """L_DD and its gradients w.r.t. the synthetic images, targets and step size."""
+
+    loss: torch.Tensor
+    images: torch.Tensor
+    targets: torch.Tensor | None
+    lr: torch.Tensor
+
+
+def recompute_matching_grads(
+    student: nn.Module,
+    start: torch.Tensor,
+    target: torch.Tensor,
+    images: torch.Tensor,
+    targets: torch.Tensor,
+    lr: torch.Tensor,
+    batches: torch.Tensor,
+    learn_targets: bool = False,
+    autocast: Autocast = nullcontext,
+) -> MatchingGrads:
+    """The exact gradient of :func:`unrolled_matching_loss` in memory independent of N.
+
+    Forward: theta_{n+1} = theta_n - alpha g_n(theta_n) without a graph, keeping the N + 1 parameter
+    vectors. Reverse, with lambda_N = dL/dtheta_N = 2 (theta_N - theta*) / ||theta*_s - theta*||^2 / B
+    and, for n = N-1 .. 0, the step's graph rebuilt from theta_n alone:
+    dL/dalpha -= <lambda_{n+1}, g_n>; dL/d(x, z)[b_n] -= alpha (dg_n/d(x, z))^T lambda_{n+1};
+    lambda_n = lambda_{n+1} - alpha H_n lambda_{n+1} (one double-backward gives all three products).
+    """
+    start, target, batches = _as_segments(start, target, batches)
+    alpha = lr.detach()
+    images_d, targets_d = images.detach(), targets.detach()
+    thetas = start.new_empty((len(batches) + 1, *start.shape))  # one buffer: no fragmentation
+    thetas[0] = start.detach()
+    for n, idx in enumerate(batches):
+        theta = thetas[n].detach().requires_grad_(True)
+        with torch.enable_grad(), autocast():
+            grad = _segment_grads(student, theta, images_d[idx], targets_d[idx], create_graph=False)
+        torch.sub(thetas[n], alpha * grad, out=thetas[n + 1])
+        del grad
+    theta_n = thetas[-1]
+    with torch.no_grad():
+        loss = matching_distance(theta_n, start, target)
+        lam = 2 * (theta_n - target) / (start - target).pow(2).sum(1, keepdim=True) / len(start)
+    grad_images = torch.zeros_like(images_d)
+    grad_targets = torch.zeros_like(targets_d) if learn_targets else None
+    grad_lr = torch.zeros((), dtype=lr.dtype, device=lr.device)
+    for n in reversed(range(len(batches))):  # (reversed() of a tensor would copy it)
+        idx, theta = batches[n], thetas[n].detach().requires_grad_(True)
+        x = images_d[idx].requires_grad_(True)
+        z = targets_d[idx].requires_grad_(learn_targets)
+        with torch.enable_grad():
+            with autocast():
+                grad = _segment_grads(student, theta, x, z, create_graph=True)
+            inputs = (theta, x, z) if learn_targets else (theta, x)
+            products = torch.autograd.grad(grad, inputs, grad_outputs=lam)
+        grad_lr -= (lam * grad.detach()).sum()
+        flat = idx.reshape(-1)
+        grad_images.index_add_(0, flat, -alpha * products[1].reshape(-1, *images_d.shape[1:]))
+        if grad_targets is not None:
+            grad_targets.index_add_(0, flat, -alpha * products[2].reshape(-1, targets_d.shape[1]))
+        lam = lam - alpha * products[0]
+        del grad, products  # free this step's graph before the next one is built
+    return MatchingGrads(loss, grad_images, grad_targets, grad_lr)
+
+
+def matching_grads(
+    backend: str,
+    student: nn.Module,
+    start: torch.Tensor,
+    target: torch.Tensor,
+    images: torch.Tensor,
+    targets: torch.Tensor,
+    lr: torch.Tensor,
+    batches: torch.Tensor,
+    learn_targets: bool = False,
+    autocast: Autocast = nullcontext,
+) -> MatchingGrads:
+    """L_DD and its gradients with the ``unrolled`` or the ``recompute`` backend (same values)."""
+    if backend == "recompute":
+        return recompute_matching_grads(
+            student, start, target, images, targets, lr, batches, learn_targets, autocast
+        )
+    leaves = (
+        images.detach().requires_grad_(True),
+        targets.detach().requires_grad_(learn_targets),
+        lr.detach().requires_grad_(True),
+    )
+    loss = unrolled_matching_loss(student, start, target, *leaves, batches, autocast)
+    wrt = leaves if learn_targets else (leaves[0], leaves[2])
+    grads = torch.autograd.grad(loss, wrt)
+    return MatchingGrads(loss.detach(), grads[0], grads[1] if learn_targets else None, grads[-1])
+
+
+def device_memory_bytes(device: torch.device) -> int:
+    """Total memory of ``device``: the GPU's, or the machine's RAM for the CPU."""
+    if device.type == "cuda":
+        return int(torch.cuda.get_device_properties(device).total_memory)
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+class Distiller:
+    """The trainable synthetic set and its optimizers; one :meth:`step` is one iteration.
+
+    ``runtime`` runs the inner steps' forward passes under its autocast (the caller lays the
+    images out with ``runtime.images``); parameters, gradients and the matching loss stay float32.
+
+    The expert epochs a segment can start or end at (0 .. T+ - 1 + M) of every trajectory are
+    stacked once into one (K, T+ + M, P) bank, kept on the synthetic set's device when it takes at
+    most a quarter of its memory (else on the host, rows copied per iteration); segments are drawn
+    and gathered there, so an iteration does not wait for the host.
+    """
+
+    def __init__(
+        self,
+        student: nn.Module,
+        images: torch.Tensor,
+        targets: torch.Tensor,
+        trajectories: Sequence[Trajectory],
+        recipe: MatchingRecipe,
+        gen: torch.Generator,
+        backend: str = "recompute",
+        runtime: Runtime | None = None,
+    ) -> None:
+        self.student, self.recipe, self.gen = student, recipe, gen
+        self.runtime = runtime or Runtime(images.device)
+        self.backend = backend
+        device = images.device
+        epochs = range(recipe.max_start_epoch + recipe.expert_epochs)
+        bank = torch.stack([torch.stack([t.at(e) for e in epochs]) for t in trajectories])
+        fits = bank.numel() * bank.element_size() <= device_memory_bytes(device) // 4
+        self.bank = bank.to(device) if fits else bank
+        self.images = images.detach().clone().requires_grad_(True)
+        self.targets = targets.detach().clone().requires_grad_(recipe.learn_targets)
+        self.lr = torch.tensor(recipe.lr_init, device=device, requires_grad=True)
+        self.opt_images = torch.optim.SGD([self.images], lr=recipe.lr_img, momentum=recipe.momentum)
+        self.opt_lr = torch.optim.SGD([self.lr], lr=recipe.lr_lr, momentum=recipe.momentum)
+        self.opt_targets = (
+            torch.optim.SGD([self.targets], lr=recipe.lr_targets, momentum=recipe.momentum)
+            if recipe.learn_targets
+            else None
+        )
+
+    def optimizers(self) -> dict[str, torch.optim.Optimizer]:
+        """The SGD optimizers by what they update: images, lr (and targets when learned)."""
+        opts: dict[str, torch.optim.Optimizer] = {"images": self.opt_images, "lr": self.opt_lr}
+        return opts | ({"targets": self.opt_targets} if self.opt_targets is not None else {})
+
+    def _draw(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B,) experts k and (B,) start epochs s, uniform over the K experts and {0..T+-1}, on the
+        generator's device."""
+        g, r = self.gen, self.recipe
+        ks = torch.randint(len(self.bank), (r.trajectories,), generator=g, device=g.device)
+        ss = torch.randint(r.max_start_epoch, (r.trajectories,), generator=g, device=g.device)
+        return ks, ss
+
+    def draw_segments(self) -> list[tuple[int, int]]:
+        """``distill.trajectories`` pairs (expert k, start epoch s), as :meth:`step` draws them."""
+        ks, ss = self._draw()
+        return list(zip(ks.tolist(), ss.tolist(), strict=True))
+
+    def step(self) -> torch.Tensor:
+        """One iteration: draw B segments, match them, update pixels, alpha_syn (and Z_syn).
+        Returns the matching loss as a 0-dim tensor on the device (reading it syncs)."""
+        r, device = self.recipe, self.images.device
+        ks, ss = self._draw()
+        ks, ss = ks.to(self.bank.device), ss.to(self.bank.device)
+        start = self.bank[ks, ss].to(device)
+        target = self.bank[ks, ss + r.expert_epochs].to(device)
+        batches = torch.stack(
+            [
+                sample_batches(len(self.images), r.batch_syn, r.syn_steps, self.gen)
+                for _ in range(r.trajectories)
+            ],
+            dim=1,
+        ).to(device)  # (N, B, b)
+        result = matching_grads(
+            self.backend,
+            self.student,
+            start,
+            target,
+            self.images,
+            self.targets,
+            self.lr,
+            batches,
+            r.learn_targets,
+            self.runtime.autocast,
+        )
+        self.images.grad, self.lr.grad = result.images, result.lr
+        if self.opt_targets is not None:
+            self.targets.grad = result.targets
+        for opt in self.optimizers().values():
+            opt.step()
+        return result.loss
+
+    def state_dict(self) -> dict[str, Any]:
+        """The synthetic set, alpha_syn, the generator and the optimizers (a plain dict)."""
+        return {
+            "images": self.images.detach().cpu(),
+            "targets": self.targets.detach().cpu(),
+            "lr": self.lr.detach().cpu(),
+            "generator": self.gen.get_state(),
+            "optimizers": {k: o.state_dict() for k, o in self.optimizers().items()},
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore a :meth:`state_dict`."""
+        with torch.no_grad():
+            self.images.copy_(state["images"])
+            self.targets.copy_(state["targets"])
+            self.lr.copy_(state["lr"])
+        self.gen.set_state(state["generator"])
+        for key, opt in self.optimizers().items():
+            opt.load_state_dict(state["optimizers"][key])
+
+
+@dataclass
+class MatchingRun:
+    """What :func:`distill` did: the loss of every iteration, and timings of this process."""
+
+    history: list[float]
+    iterations_run: int
+    seconds: float
+    seconds_first_iteration: float | None
+
+
+def distill(distiller: Distiller, checkpoint: PeriodicCheckpoint) -> MatchingRun:
+    """Run ``distiller`` for ``recipe.iterations`` iterations, resuming from ``checkpoint``.
+
+    Losses stay on the device and are read back every ``recipe.log_every`` iterations and at each
+    checkpoint (progress bar, divergence check); a non-finite loss or alpha_syn raises
+    ArtifactError naming the options to lower.
+    """
+    r = distiller.recipe
+    resumed = checkpoint.resume({"distiller": distiller})
+    start_iter = resumed.get("iteration", 0)
+    history: list[float] = list(resumed.get("history", []))
+    pending: list[torch.Tensor] = []
+    start = time.perf_counter()
+    first: float | None = None  # seconds of this process's first iteration (warm-up included)
+    bar = progress(
+        range(start_iter, r.iterations),
+        desc=f"distill ({distiller.backend})",
+        initial=start_iter,
+        total=r.iterations,
+        unit="it",
+    )
+    for it in bar:
+        pending.append(distiller.step().detach())
+        done = it + 1
+        save = checkpoint.due(done, r.iterations)
+        if first is None or save or done % r.log_every == 0 or done == r.iterations:
+            history += torch.stack(pending).tolist()  # waits for the device
+            pending.clear()
+            lr = distiller.lr.item()
+            if first is None:
+                first = time.perf_counter() - start
+            if not all(map(math.isfinite, history[-r.log_every :])) or not math.isfinite(lr):
+                raise ArtifactError(
+                    f"distillation diverged by iteration {done} (non-finite loss or "
+                    "alpha_syn); lower distill.lr_img or distill.lr_lr and rerun with "
+                    "--force"
+                )
+            bar.set_postfix(loss=f"{history[-1]:.4f}", lr=f"{lr:.4f}")
+        if save:
+            checkpoint.save({"distiller": distiller}, iteration=done, history=history)
+    return MatchingRun(history, r.iterations - start_iter, time.perf_counter() - start, first)
+
+
+def unrolled_graph_bytes(
+    recipe: MatchingRecipe, student: nn.Module, image_shape: torch.Size, num_images: int
+) -> int:
+    """Rough size of the unrolled backend's autograd graph: N x B x batch_syn x the activations of
+    one image (every module output, x ``_GRAPH_FACTOR`` for the double-backward graph), for a
+    synthetic set of ``num_images``."""
+    elements = 0
+
+    def count(_module: nn.Module, _inputs: Any, output: torch.Tensor) -> None:
+        nonlocal elements
+        elements += output.numel()
+
+    leaves = [m for m in student.modules() if not list(m.children())]
+    hooks = [m.register_forward_hook(count) for m in leaves]
+    training = student.training
+    try:  # two images in eval mode: batch norm neither fails on one image nor updates its statistics
+        with torch.no_grad():
+            p = next(student.parameters())
+            student.eval()(torch.zeros(2, *image_shape, device=p.device, dtype=p.dtype))
+    finally:
+        student.train(training)
+        for h in hooks:
+            h.remove()
+    batch = min(recipe.batch_syn, num_images)
+    return _GRAPH_FACTOR * 4 * elements // 2 * batch * recipe.syn_steps * recipe.trajectories
+
+
+def resolve_backend(
+    recipe: MatchingRecipe, student: nn.Module, image_shape: torch.Size, device: torch.device, num_images: int
+) -> str:
+    """``recipe.backend``; ``auto`` = ``unrolled`` (a little faster) while its graph would take at
+    most a quarter of the device's memory, ``recompute`` (memory independent of N) above."""
+    if recipe.backend != "auto":
+        return recipe.backend
+    graph = unrolled_graph_bytes(recipe, student, image_shape, num_images)
+    return "unrolled" if graph <= device_memory_bytes(device) // 4 else "recompute"
