@@ -85,6 +85,12 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument(
             "--force", action="store_true", help="recompute this stage (and drop the records of later stages)"
         )
+        p.add_argument(
+            "--repair",
+            action="store_true",
+            help="redo a finished stage whose artifacts are missing or damaged (experts: only those); later "
+            "stages stay valid if the repaired artifacts equal the recorded ones",
+        )
     p = sub.add_parser(
         "config",
         help="print the resolved config as YAML",
@@ -128,7 +134,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         stages = list(STAGES) if args.command == "run" else [args.command]
         out = args.out or f"runs/{args.preset}"
-        run_stages(config, out, stages, force=args.force)
+        run_stages(config, out, stages, force=args.force, repair=args.repair)
         print(f"done: {', '.join(stages)} in {out}")
         return 0
     except MkdtError as exc:

@@ -15,3 +15,7 @@ class DataError(MkdtError):
 
 class ArtifactError(MkdtError):
     """An artifact in the run directory is missing, corrupt or made with an incompatible config."""
+
+
+class TrainingDiverged(MkdtError):
+    """A training loop met a non-finite loss; the message names the stage and the option to lower."""

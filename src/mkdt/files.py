@@ -7,18 +7,27 @@ directory (:mod:`mkdt.store`) and the dataset cache (:mod:`mkdt.data.cache`).
   with ``weights_only=True``;
 - text and JSON.
 
-Every write goes to a temporary file beside the target and replaces it with one ``os.replace``,
-so a kill leaves either the old file or the new one. A missing or unreadable file raises
-:class:`ArtifactError` naming it.
+Every write goes to a temporary file in a private folder beside the target
+(``.<name>.<host>.<pid>.<random>.tmp/``) and
+replaces it with one ``os.replace``, so a kill leaves either the old file or the new one, and at
+worst a temporary folder that :func:`remove_orphaned_temp_files` recognises by its dead process. Files
+get the permissions the user's umask gives new files. A failed write (full disk, read-only folder,
+a file where a folder should be) and a missing or unreadable file raise :class:`ArtifactError`
+naming the file and the cause.
 """
 
 from __future__ import annotations
 
+import errno
 import functools
 import hashlib
 import json
 import os
+import re
+import shutil
+import socket
 import tempfile
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -31,20 +40,102 @@ from safetensors.torch import load_file, save_file
 from mkdt.errors import ArtifactError
 
 METADATA_KEY = "mkdt"
+_HOST = re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname()) or "host"
+_TEMP = re.compile(r"^\..+\.(?P<host>[A-Za-z0-9-]+)\.(?P<pid>\d+)\.[^.]+\.tmp$")
+# test hook: seconds to wait between writing a temporary file and renaming it into place, so that
+# the kill-and-resume tests can kill a process inside an artifact write
+_DELAY_ENV = "MKDT_TEST_WRITE_DELAY"
+
+
+def _read_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _read_umask()
+
+
+def free_bytes(folder: Path) -> int | None:
+    """Free bytes on the file system of ``folder`` (or of its nearest existing parent)."""
+    for candidate in (folder, *folder.parents):
+        if candidate.exists():
+            try:
+                return shutil.disk_usage(candidate).free
+            except OSError:
+                return None
+    return None
+
+
+def write_error(path: Path, exc: BaseException) -> ArtifactError:
+    """A one-line ArtifactError for a failed write of ``path``, naming the cause: a full disk, a
+    folder that is not writable, or a file where a folder should be."""
+    code = getattr(exc, "errno", None)
+    free = free_bytes(path.parent)
+    text = getattr(exc, "strerror", None) or " ".join(str(exc).split()) or type(exc).__name__
+    if code in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return ArtifactError(f"cannot write in {path.parent} ({text}); choose a writable --out")
+    if code in (errno.ENOTDIR, errno.EEXIST):
+        return ArtifactError(
+            f"cannot create {path.parent} ({text}): a file is in the way of a folder; choose another --out"
+        )
+    if code == errno.ENOSPC or (code is None and free is not None and free < 1 << 20):
+        return ArtifactError(
+            f"cannot write {path}: the disk is full ({(free or 0) / 2**20:.1f} MB free "
+            f"in {path.parent}); free some space or choose another --out"
+        )
+    return ArtifactError(f"cannot write {path} ({text})")
 
 
 @contextmanager
 def atomic_path(path: Path) -> Iterator[Path]:
-    """Yield a temporary path beside ``path``; on success it replaces ``path`` in one rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    """Yield a temporary path for ``path``; on success it replaces ``path`` in one rename.
+
+    The temporary path lies in a private folder beside ``path`` (``.<name>.<host>.<pid>.<random>.tmp``),
+    so that temporary files of the writer itself (safetensors writes through one) are removed
+    with it. An OSError while writing (e.g. a full disk) becomes an ArtifactError naming the
+    cause; the private folder is removed either way."""
     try:
-        yield Path(tmp)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        folder = Path(
+            tempfile.mkdtemp(prefix=f".{path.name}.{_HOST}.{os.getpid()}.", suffix=".tmp", dir=path.parent)
+        )
+    except OSError as exc:
+        raise write_error(path, exc) from None
+    tmp = folder / path.name
+    try:
+        yield tmp
+        os.chmod(tmp, 0o666 & ~_UMASK)
+        if delay := float(os.environ.get(_DELAY_ENV, "0") or 0):
+            time.sleep(delay)
         os.replace(tmp, path)
+    except OSError as exc:
+        raise write_error(path, exc) from None
     finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def remove_orphaned_temp_files(folder: Path) -> int:
+    """Remove the temporary files under ``folder`` left by killed mkdt processes of this host
+    (their process no longer exists); returns how many were removed."""
+    removed = 0
+    if not folder.is_dir():
+        return 0
+    for path in folder.rglob(".*.tmp"):
+        match = _TEMP.match(path.name)
+        if match is None or match["host"] != _HOST:
+            continue
+        try:
+            os.kill(int(match["pid"]), 0)
+        except ProcessLookupError:
+            if path.is_dir():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
+            removed += 1
+        except (PermissionError, OverflowError):
+            continue
+    return removed
 
 
 def write_text(path: Path, text: str) -> None:
@@ -63,14 +154,17 @@ def read_json(path: Path) -> Any:
     try:
         return json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as exc:
-        raise ArtifactError(f"cannot read {path}: {exc}; delete it to redo that stage") from None
+        raise ArtifactError(f"cannot read {path}: {exc}") from None
 
 
 def save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, Any]) -> None:
     """safetensors file with ``metadata`` stored as JSON under the key ``mkdt``."""
     tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
     with atomic_path(path) as tmp:
-        save_file(tensors, str(tmp), metadata={METADATA_KEY: json.dumps(metadata, sort_keys=True)})
+        try:
+            save_file(tensors, str(tmp), metadata={METADATA_KEY: json.dumps(metadata, sort_keys=True)})
+        except SafetensorError as exc:  # raised for I/O errors too, e.g. a full disk
+            raise write_error(path, exc) from None
 
 
 def load_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -79,7 +173,7 @@ def load_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     try:
         return load_file(str(path)), metadata
     except (SafetensorError, OSError) as exc:
-        raise ArtifactError(f"corrupt artifact {path} ({exc}); delete it to redo that stage") from None
+        raise ArtifactError(f"corrupt artifact {path} ({exc})") from None
 
 
 def read_metadata(path: Path) -> dict[str, Any]:
@@ -95,13 +189,16 @@ def read_metadata(path: Path) -> dict[str, Any]:
         metadata: dict[str, Any] = json.loads(header.get("__metadata__", {}).get(METADATA_KEY, "{}"))
         return metadata
     except (OSError, ValueError, AttributeError) as exc:
-        raise ArtifactError(f"corrupt artifact {path} ({exc}); delete it to redo that stage") from None
+        raise ArtifactError(f"corrupt artifact {path} ({exc})") from None
 
 
 def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
     """A plain-dict checkpoint (tensors, numbers, strings) written atomically."""
     with atomic_path(path) as tmp:
-        torch.save(state, tmp)
+        try:
+            torch.save(state, tmp)
+        except RuntimeError as exc:  # torch reports a failed write as "unexpected pos ..."
+            raise write_error(path, exc) from None
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:
@@ -110,7 +207,7 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
         state: dict[str, Any] = torch.load(path, map_location="cpu", weights_only=True)
         return state
     except Exception as exc:  # torch raises many types for a bad file
-        raise ArtifactError(f"corrupt checkpoint {path} ({type(exc).__name__}); delete it") from None
+        raise ArtifactError(f"corrupt checkpoint {path} ({type(exc).__name__})") from None
 
 
 def file_sha256(path: Path) -> str:

@@ -9,8 +9,10 @@ A stage's *definition* is the part of the config its result depends on: the valu
 as ``experts.lr: 0.1 -> 0.05``). ``settings`` are keys a stage uses that do not change its result
 (speed, layout, logging). A few values are resolved rather than copied (:func:`_resolved`): a teacher
 loaded from a checkpoint is defined by the file's sha256 and its architecture; the evaluation's
-network by ``evaluate.model`` or, when that is null, ``experts.student``. Which epochs the experts
-store is not part of their definition: stages that read an epoch check that it was stored.
+network by ``evaluate.model`` or, when that is null, ``experts.student``; a dataset given by a
+path by that path and its files' names and sizes (:func:`mkdt.data.registry.source_identity`).
+Which epochs the experts store is not part of their definition: stages that read an epoch check
+that it was stored.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from mkdt.config import Config
+from mkdt.data.registry import source_identity
 from mkdt.files import file_sha256
 
 RUNTIME_KEYS = ("device", "precision", "channels_last", "compile")
@@ -135,6 +138,8 @@ def _drop_settings(value: Any, dotted: str) -> Any:
 
 def _resolved(config: Config, stage: str, own: dict[str, Any]) -> dict[str, Any]:
     """``own`` with the values that are resolved rather than copied (see the module docstring)."""
+    if stage == "teacher" and (source := source_identity(config.data.name, config.data.root)) is not None:
+        own["data"]["source"] = source
     if stage == "teacher" and config.teacher.checkpoint is not None:
         own["teacher"] = {
             "checkpoint_sha256": file_sha256(Path(config.teacher.checkpoint).expanduser()),

@@ -54,14 +54,21 @@ def make_record(
 
 
 def build_records(
-    probes: Iterable[dict[str, Any]], methods: Sequence[str], tasks: Sequence[str], fractions: Sequence[float]
+    probes: Iterable[dict[str, Any]],
+    methods: Sequence[str],
+    tasks: Sequence[str],
+    fractions: Sequence[float],
+    diverged: dict[str, list[int]] | None = None,
 ) -> list[dict[str, Any]]:
     """Records for every method x task x fraction, in that nesting order, from probe results.
 
     A probe result is ``{"method", "seed", "task", "label_fraction", "accuracy"}`` (percent); each
-    record gathers its setting's results sorted by seed. A setting without results raises
-    ValueError.
+    record gathers its setting's results sorted by seed. ``diverged`` lists, per method, the seeds
+    whose pre-training diverged (they have no probe results): their records carry
+    ``diverged_seeds``, and when no seed is left ``mean`` and ``std`` are None. Any other setting
+    without results raises ValueError.
     """
+    diverged = diverged or {}
     found: dict[tuple[str, str, float], dict[int, float]] = {}
     for p in probes:
         found.setdefault((p["method"], p["task"], p["label_fraction"]), {})[p["seed"]] = p["accuracy"]
@@ -69,11 +76,26 @@ def build_records(
     for method in methods:
         for task in tasks:
             for fraction in fractions:
-                by_seed = found.get((method, task, fraction))
-                if not by_seed:
+                by_seed = found.get((method, task, fraction), {})
+                failed = sorted(diverged.get(method, []))
+                if not by_seed and not failed:
                     raise ValueError(f"no probe results for {method} on {task} at {fraction}")
                 seeds = sorted(by_seed)
-                records.append(make_record(method, task, fraction, seeds, [by_seed[s] for s in seeds]))
+                if by_seed:
+                    record = make_record(method, task, fraction, seeds, [by_seed[s] for s in seeds])
+                else:
+                    record = {
+                        "method": method,
+                        "task": task,
+                        "label_fraction": fraction,
+                        "seeds": [],
+                        "accuracies": [],
+                        "mean": None,
+                        "std": None,
+                    }
+                if failed:
+                    record["diverged_seeds"] = failed
+                records.append(record)
     return records
 
 
@@ -88,8 +110,13 @@ def method_label(method: str) -> str:
 
 
 def cell(record: dict[str, Any]) -> str:
-    """ "mean ± std" with 2 decimals."""
-    return f"{record['mean']:.2f} ± {record['std']:.2f}"
+    """ "mean ± std" with 2 decimals; "diverged" when every seed's pre-training diverged, and
+    "(k diverged)" after the numbers when some did."""
+    failed = len(record.get("diverged_seeds", []))
+    if record["mean"] is None:
+        return "diverged"
+    text = f"{record['mean']:.2f} ± {record['std']:.2f}"
+    return f"{text} ({failed} diverged)" if failed else text
 
 
 def _method_order(method: str) -> tuple[int, str]:

@@ -38,11 +38,15 @@ from mkdt.errors import ArtifactError
 from mkdt.files import (
     atomic_path,
     check_same_definition,
+    file_sha256,
     fingerprint,
+    free_bytes,
     load_tensors,
     read_json,
     read_metadata,
+    remove_orphaned_temp_files,
     save_tensors,
+    write_error,
     write_json,
     write_text,
 )
@@ -68,7 +72,8 @@ def now() -> str:
 
 def versions() -> dict[str, Any]:
     """The code that made a record: mkdt's version, and when mkdt runs from a git checkout its
-    commit and whether the checkout had uncommitted changes; torch and Python versions."""
+    commit and whether the checkout had uncommitted changes; torch and Python versions; torch's
+    intra-op thread count (results on CPU are the same bits only for the same thread count)."""
     from mkdt import __version__
 
     return {
@@ -76,6 +81,7 @@ def versions() -> dict[str, Any]:
         **_git_state(),
         "torch": torch.__version__,
         "python": platform.python_version(),
+        "torch_threads": torch.get_num_threads(),  # CPU results depend on it
     }
 
 
@@ -147,20 +153,55 @@ class RunDir:
             for path in scratch:
                 path.unlink(missing_ok=True)
             return None
-        return self.record(stage) if self.is_done(stage, defining) else None
+        if not self.is_done(stage, defining):
+            return None
+        return self.verified(stage)
 
     def require(self, stage: str, defining: dict[str, Any], command: str) -> dict[str, Any]:
-        """The record of a prerequisite stage, checked against its definition."""
+        """The record of a prerequisite stage, checked against its definition, its artifacts
+        checked against the sizes it recorded."""
         record = self.record(stage)
         if record is None:
             raise ArtifactError(f"no finished {stage} in {self.path}; run `{command}` first")
         check_same_definition(stage, self.stage_dir(stage), record, defining)
+        return self.verified(stage)
+
+    def damaged(self, stage: str) -> list[str]:
+        """The artifacts (paths relative to the run directory) of a finished stage that are missing
+        or whose size differs from its record."""
+        record = self.record(stage) or {}
+        bad = []
+        for rel, meta in record.get("artifacts", {}).items():
+            path = self.path / rel
+            if not path.is_file() or path.stat().st_size != meta["size"]:
+                bad.append(rel)
+        return bad
+
+    def verified(self, stage: str) -> dict[str, Any]:
+        """The stage's record, after checking that its artifacts are all there, at their recorded
+        sizes; a missing or damaged one raises ArtifactError with the command that repairs it."""
+        record = self.record(stage)
+        assert record is not None
+        bad = self.damaged(stage)
+        if bad:
+            more = f" and {len(bad) - 1} more" if len(bad) > 1 else ""
+            raise ArtifactError(
+                f"{bad[0]}{more} of the finished {stage} stage in {self.path} is missing or "
+                f"damaged; repair it with `mkdt {stage} --repair --out {self.path}` (redoes "
+                "only what is missing)"
+            )
         return record
 
     def finish(
-        self, stage: str, defining: dict[str, Any], seconds: float, result: dict[str, Any]
+        self,
+        stage: str,
+        defining: dict[str, Any],
+        seconds: float,
+        result: dict[str, Any],
+        artifacts: tuple[Path, ...] = (),
     ) -> dict[str, Any]:
-        """Write the stage record (last, so a crash never leaves a stage that looks finished)."""
+        """Write the stage record (last, so a crash never leaves a stage that looks finished), with
+        the size and sha256 of every file in ``artifacts``."""
         record = {
             "fingerprint": fingerprint(defining),
             "defining": defining,
@@ -168,9 +209,35 @@ class RunDir:
             "finished": now(),
             "versions": versions(),
             "result": result,
+            "artifacts": {
+                str(path.relative_to(self.path)): {"size": path.stat().st_size, "sha256": file_sha256(path)}
+                for path in artifacts
+            },
         }
         write_json(self.stage_dir(stage) / "stage.json", record)
         return record
+
+    def prepare(self) -> bool:
+        """Make sure the run directory exists and is writable, and remove the temporary files that
+        killed mkdt processes left in it; ArtifactError (one line) if it cannot be written.
+        Returns whether the folder was created."""
+        probe = self.path / ".mkdt-write-test"
+        created = not self.path.exists()
+        try:
+            if not created and not self.path.is_dir():
+                raise ArtifactError(f"--out {self.path} is a file, not a folder; choose another --out")
+            self.path.mkdir(parents=True, exist_ok=True)
+            probe.write_bytes(b"")
+            probe.unlink()
+        except OSError as exc:
+            raise write_error(probe, exc) from None
+        remove_orphaned_temp_files(self.path)
+        return created
+
+    def free_bytes(self) -> int | None:
+        """Free space on the run directory's file system (of its nearest existing parent before
+        it is created); None when it cannot be read."""
+        return free_bytes(self.path)
 
     def write_manifest(self, config: dict[str, Any], stages: list[str]) -> None:
         """manifest.json: the config, seed, code version, creation time and every stage's record."""

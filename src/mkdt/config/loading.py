@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from importlib import resources
@@ -160,7 +161,10 @@ def _scalar(tp: type, value: Any, key: str) -> Any:
         if tp is float:
             if isinstance(value, bool):
                 raise ValueError
-            return float(value)
+            number = float(value)
+            if not math.isfinite(number):
+                raise ConfigError(f"config key {key} must be a finite number, got {value!r}")
+            return number
         if tp is str:
             if value is None or isinstance(value, (dict, list)):
                 raise ValueError

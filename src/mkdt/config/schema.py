@@ -11,10 +11,14 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
+
+from mkdt.data.registry import dataset_names
 from mkdt.errors import ConfigError
 from mkdt.nn.models import MODEL_NAMES
 from mkdt.nn.ssl import SSL_METHODS
@@ -41,6 +45,40 @@ def check(ok: bool, key: str, message: str) -> None:
     """Raise ConfigError ``invalid config KEY: MESSAGE`` unless ``ok``."""
     if not ok:
         raise ConfigError(f"invalid config {key}: {message}")
+
+
+def check_device(device: str) -> None:
+    """``auto``, ``cpu``, ``cuda`` or ``cuda:N``, and a CUDA device only where one exists."""
+    check(
+        re.fullmatch(r"auto|cpu|cuda(:\d+)?", device) is not None,
+        "device",
+        "must be auto, cpu, cuda or cuda:N",
+    )
+    if device.startswith("cuda"):
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        index = int(device.partition(":")[2] or 0)
+        check(
+            index < count,
+            "device",
+            f"{device} is not available here ({count} CUDA device(s)); use device=cpu or device=auto",
+        )
+
+
+def check_task(entry: str) -> None:
+    """An ``evaluate.tasks`` entry: a registered dataset, an existing path, or ``name=root``."""
+    name, sep, root = (part.strip() for part in entry.partition("="))
+    check(
+        bool(name) and (not sep or bool(root)),
+        "evaluate.tasks",
+        f"entry {entry!r} must be a dataset name or name=root (e.g. cifar100=/data/cifar100)",
+    )
+    known = name in dataset_names() or (not sep and Path(name).expanduser().exists())
+    check(
+        known,
+        "evaluate.tasks",
+        f"unknown task {name!r}: choose from {', '.join(dataset_names())}, "
+        "an existing ImageFolder path, or name=root",
+    )
 
 
 def _one_of(value: str, allowed: tuple[str, ...], key: str) -> None:
@@ -316,6 +354,8 @@ class EvaluateConfig:
             "must be a non-empty list of numbers in (0, 1]",
         )
         check(self.tasks is None or len(self.tasks) > 0, "evaluate.tasks", "must be null or non-empty")
+        for entry in self.tasks or ():
+            check_task(entry)
         _at_least(self, "evaluate", ("seeds", "epochs", "batch_size", "probe_max_iter"))
         check(
             self.lr > 0 and 0 <= self.momentum < 1 and self.weight_decay >= 0 and self.probe_l2 >= 0,
@@ -358,11 +398,7 @@ class Config:
     def validate(self) -> Config:
         """Raise ConfigError on the first out-of-range value; return self."""
         check(self.seed >= 0, "seed", "must be >= 0")
-        check(
-            self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"),
-            "device",
-            "must be auto, cpu, cuda or cuda:N",
-        )
+        check_device(self.device)
         _one_of(self.precision, PRECISIONS, "precision")
         for section in (
             self.data,

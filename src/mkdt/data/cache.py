@@ -14,7 +14,7 @@ from safetensors.torch import safe_open
 
 from mkdt.data.decode import channel_stats, reason
 from mkdt.data.types import DatasetSpec, ImageData
-from mkdt.errors import DataError
+from mkdt.errors import DataError, MkdtError
 from mkdt.files import save_tensors
 
 _CACHE_FORMAT = 1  # bump when decoding changes, so that stale cache files are not reused
@@ -111,7 +111,7 @@ def _write_cache(path: Path, data: ImageData) -> None:
     meta = {"name": data.name, "classes": list(data.classes), "mean": list(data.mean), "std": list(data.std)}
     try:
         save_tensors(path, {key: getattr(data, key) for key in _TENSOR_KEYS}, meta)
-    except OSError as err:
+    except (OSError, MkdtError) as err:  # a full disk or a read-only cache: the cache is optional
         warnings.warn(
             f"cannot write dataset cache {path} ({reason(err)}); continuing without it", stacklevel=4
         )

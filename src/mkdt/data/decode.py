@@ -16,7 +16,7 @@ from mkdt.errors import DataError
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif")
 _GRAY_MODES = frozenset({"1", "L", "LA", "I", "I;16", "F"})
-REFETCH = "delete the folder and pass data.download=true"
+REFETCH = "fetch the files again (data.download=true into an empty folder)"
 PROGRESS_DELAY_S = 2.0  # decoding bars appear only when decoding is slow, i.e. for big datasets
 _MIN_STD = 1e-6
 
@@ -50,7 +50,8 @@ def decode_image(data: bytes, where: str, mode: str | None = None) -> np.ndarray
             return np.asarray(image if image.mode == target else image.convert(target))
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
         raise DataError(
-            f"cannot decode image {where} ({reason(err)}); the file is corrupt: replace or delete it"
+            f"cannot decode image {where} ({reason(err)}); the file is corrupt: replace it, or move "
+            "it out of the dataset folder"
         ) from err
 
 

@@ -4,6 +4,8 @@ cache."""
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import os
 from functools import partial
 from pathlib import Path
@@ -63,6 +65,30 @@ DATASETS: dict[str, DatasetSpec] = {
         decode_imagefolder,
     ),
 }
+
+
+@functools.lru_cache(maxsize=8)
+def source_identity(name: str, root: str | None) -> dict[str, str] | None:
+    """What defines the images of a dataset given by a path (``imagefolder`` with a root, or a path
+    as the name): the resolved path and a sha256 over its files' relative names and sizes (an
+    archive: its size). None for a registered dataset, which its name defines."""
+    resolved, _, path = _resolve(name, root)
+    if resolved != "imagefolder" or path is None:
+        return None
+    if path.is_file():
+        listing = str(path.stat().st_size)
+    else:
+        lines = []
+        for folder, subdirs, files in os.walk(path, followlinks=True):
+            subdirs.sort()
+            for file in sorted(files):
+                try:
+                    size = Path(folder, file).stat().st_size
+                except OSError:  # a dangling link: decoding skips or reports it
+                    continue
+                lines.append(f"{Path(folder, file).relative_to(path)}\t{size}")
+        listing = "\n".join(lines)
+    return {"path": str(path), "files_sha256": hashlib.sha256(listing.encode()).hexdigest()}
 
 
 def dataset_names() -> list[str]:

@@ -1,17 +1,74 @@
-"""What every stage's ``run`` starts from: its definition, the run directory, the runtime, D_real."""
+"""What every stage's ``run`` starts from: its definition, the run directory, the runtime, D_real,
+and the checks that run before any compute (sizes against D_real, free disk, a writable folder)."""
 
 from __future__ import annotations
 
 import functools
 import time
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 from mkdt.config import Config
+from mkdt.data import ImageData
 from mkdt.data.real import RealData, load_real
+from mkdt.errors import ArtifactError, ConfigError
 from mkdt.graph import STAGES, defining
+from mkdt.nn.models import build_network, feature_dim, num_params
 from mkdt.runtime import Runtime
 from mkdt.store import RunDir
+
+
+def check_budgets(config: Config, data: ImageData, stages: Iterable[str]) -> None:
+    """Refuse, before any compute, sizes that D_real cannot satisfy in the given stages."""
+    stages = set(stages)
+    n = data.num_train
+    trains_teacher = "teacher" in stages and config.teacher.checkpoint is None
+    if trains_teacher and config.teacher.batch_size > n:
+        raise ConfigError(
+            f"teacher.batch_size ({config.teacher.batch_size}) is larger than D_real ({n} images)"
+        )
+    if stages & {"init", "distill", "evaluate"} and config.init.images > n:
+        raise ConfigError(f"init.images ({config.init.images}) is larger than D_real ({n} images)")
+    probes = "evaluate" in stages or ("teacher" in stages and config.teacher.probe)
+    if probes and data.num_classes < 2:
+        raise ConfigError(
+            f"{config.data.name} has {data.num_classes} class; the linear probes of the teacher "
+            "and of the evaluation need at least 2 (set teacher.probe=false and leave out the "
+            "evaluate stage to distill unlabelled data)"
+        )
+
+
+def estimated_bytes(config: Config, data: ImageData, stage: str) -> int:
+    """Disk space a stage's artifacts need while they are written (temporary copies included)."""
+    c, size = data.channels, data.image_size
+    teacher = build_network(config.teacher.model, c, size, None).to("meta")
+    dim = feature_dim(teacher)
+    student = build_network(config.experts.student, c, size, dim).to("meta")
+    n, images = data.num_train, config.init.images
+    if (
+        stage == "teacher"
+    ):  # encoder, plus a checkpoint (weights, projector, Adam's two moments) and its temp copy
+        return 4 * num_params(teacher) * (1 + 2 * 4) + 4 * 3 * 3 * config.teacher.projector_dim**2
+    if stage == "targets":
+        return 4 * n * dim
+    if stage == "experts":
+        return 4 * config.experts.num_experts * len(config.expert_save_epochs()) * num_params(student)
+    if stage == "init":
+        return 4 * n + 16 * images
+    if stage == "distill":  # the set, its checkpoint (images, momentum) and the checkpoint's temp copy
+        return 4 * images * (c * size * size + dim) * 6
+    return 1 << 20  # evaluate: JSON and markdown
+
+
+def check_disk(store: RunDir, needed: int, what: str) -> None:
+    """ArtifactError naming the folder and the bytes needed when the run directory has less free."""
+    free = store.free_bytes()
+    if free is not None and needed > free:
+        raise ArtifactError(
+            f"not enough free disk in {store.path} for {what}: about {needed / 2**20:.0f} MB "
+            f"needed, {free / 2**20:.0f} MB free; free some space or choose another --out"
+        )
 
 
 class StageContext:
@@ -46,12 +103,19 @@ class StageContext:
         return load_real(self.config.data, self.config.seed, self.runtime.device)
 
     def finished(self, force: bool, scratch: tuple[Path, ...] = ()) -> dict[str, Any] | None:
-        """The record when the stage already finished with this definition (skip it); else None,
-        after checking that every stage it reads has finished with a matching definition."""
+        """The record when the stage already finished with this definition and its artifacts are
+        intact (skip it); else None, after checking the sizes against D_real, that every stage it
+        reads has finished with a matching definition and intact artifacts, that the run
+        directory is writable and that it has room for this stage's artifacts."""
+        check_budgets(self.config, self.real.data, [self.stage])
         if (done := self.store.finished_or_reset(self.stage, self.spec, force, scratch)) is not None:
             return done
         for upstream in STAGES[self.stage].inputs(self.config):
             self.store.require(upstream, defining(self.config, upstream), STAGES[upstream].command)
+        self.store.prepare()
+        check_disk(
+            self.store, estimated_bytes(self.config, self.real.data, self.stage), f"the {self.stage} stage"
+        )
         self.start = time.perf_counter()
         return None
 
@@ -59,6 +123,7 @@ class StageContext:
         """Seconds since the stage started its work."""
         return time.perf_counter() - self.start
 
-    def finish(self, result: dict[str, Any]) -> dict[str, Any]:
-        """Write the stage's record (with the seconds since :meth:`finished`) and return it."""
-        return self.store.finish(self.stage, self.spec, self.seconds(), result)
+    def finish(self, result: dict[str, Any], artifacts: tuple[Path, ...] = ()) -> dict[str, Any]:
+        """Write the stage's record (with the seconds since :meth:`finished` and the size and hash
+        of each file in ``artifacts``) and return it."""
+        return self.store.finish(self.stage, self.spec, self.seconds(), result, artifacts)

@@ -80,4 +80,4 @@ def run(
         f"distill: loss {result['loss_first']:.4f} -> {result['loss_last']:.4f} "
         f"(mean of {window} its), learned lr {final.lr:.4f}"
     )
-    return ctx.finish(result)
+    return ctx.finish(result, (store.synthetic_path, store.stage_dir(STAGE) / "grid.png"))

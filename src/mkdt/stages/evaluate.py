@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import statistics
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +38,7 @@ from mkdt import report
 from mkdt.config import Config, ModelConfig
 from mkdt.data import ImageData, load_dataset
 from mkdt.data.real import RealData
-from mkdt.errors import ConfigError
+from mkdt.errors import ConfigError, TrainingDiverged
 from mkdt.files import fingerprint
 from mkdt.nn.models import build_network
 from mkdt.runtime import Runtime, derive_seed, generator, progress, seeded
@@ -110,6 +111,9 @@ def pretrain(
         gen,
         desc=f"pre-train {method} (seed {seed})",
         runtime=runtime,
+        lr_key="distill.lr_lr (mkdt pre-trains at its learned alpha_syn)"
+        if method == "mkdt"
+        else "evaluate.lr",
     )
     return student, trajectory.loss.tolist()
 
@@ -273,19 +277,33 @@ def run(
         if f"{method}/{seed}" in runs:
             continue
         t0 = ctx.seconds()
-        student, kd_loss = pretrain(config, method, seed, sets[method], data, z.shape[1], rt)
-        seconds = ctx.seconds() - t0
+        try:
+            student, kd_loss = pretrain(config, method, seed, sets[method], data, z.shape[1], rt)
+            seconds = ctx.seconds() - t0
+            probes = probe(config, student, tasks, seed, data, rt.device)
+            diverged = False
+        except TrainingDiverged as exc:  # no accuracy is computed from a diverged encoder
+            print(f"evaluate: {exc}; {method} seed {seed} is marked diverged in the results", file=sys.stderr)
+            seconds, kd_loss, probes, diverged = ctx.seconds() - t0, [], [], True
         runs[f"{method}/{seed}"] = {
             "method": method,
             "seed": seed,
             "seconds": seconds,
             "kd_loss": kd_loss,
-            "probes": probe(config, student, tasks, seed, data, rt.device),
+            "probes": probes,
+            "diverged": diverged,
         }
         store.save_partial(fp, runs)
     probes = [{"method": r["method"], "seed": r["seed"], **p} for r in runs.values() for p in r["probes"]]
-    records = report.build_records(probes, v.methods, list(tasks), v.label_fractions)
+    diverged_seeds: dict[str, list[int]] = {}
+    for r in runs.values():
+        if r.get("diverged"):
+            diverged_seeds.setdefault(r["method"], []).append(r["seed"])
+    records = report.build_records(probes, v.methods, list(tasks), v.label_fractions, diverged_seeds)
     table = report.results_table(records, table_header(config, data, sets))
     store.save_results(records, table)
     print(table, end="")
-    return ctx.finish({"results": records, "seconds_per_pretraining": pretraining_seconds(runs)})
+    return ctx.finish(
+        {"results": records, "seconds_per_pretraining": pretraining_seconds(runs)},
+        (store.path / "results.json", store.path / "results.md"),
+    )

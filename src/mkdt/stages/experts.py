@@ -70,7 +70,7 @@ def run(
         t0 = ctx.seconds()
         students, gens = zip(*(new_expert(config, ctx.real, z.shape[1], k) for k in group), strict=True)
         desc = ("expert " if len(group) == 1 else "experts ") + ", ".join(map(str, group))
-        trajectories = train_students(students, inputs, z, recipe, save_epochs, gens, desc, rt)
+        trajectories = train_students(students, inputs, z, recipe, save_epochs, gens, desc, rt, "experts.lr")
         for k, traj in zip(group, trajectories, strict=True):
             store.save_expert(
                 k, traj, fp, {"arch": dataclasses.asdict(e.student), "final_loss": traj.loss[-1].item()}
@@ -94,4 +94,4 @@ def run(
         f"{result['final_loss_mean']:.4g}"
         + (f", {result['seconds_per_epoch']:.2f} s/epoch per expert, {parallel} at once" if todo else "")
     )
-    return ctx.finish(result)
+    return ctx.finish(result, tuple(store.expert_path(k) for k in range(e.num_experts)))

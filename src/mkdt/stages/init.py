@@ -20,7 +20,6 @@ from torch import nn
 
 from mkdt.config import Config
 from mkdt.data.real import RealData
-from mkdt.errors import ConfigError
 from mkdt.files import fingerprint
 from mkdt.graph import defining
 from mkdt.nn.losses import KDLoss
@@ -61,8 +60,6 @@ def run(
     """Rank D_real by the experts' epoch-1 KD loss and draw the random subset into ``out/init``."""
     ctx = StageContext(STAGE, config, out, real, runtime)
     n, num_train = config.init.images, ctx.real.num_train
-    if n > num_train:
-        raise ConfigError(f"init.images ({n}) is larger than D_real ({num_train} images)")
     if (done := ctx.finished(force)) is not None:
         return done
     store, device, data = ctx.store, ctx.runtime.device, ctx.real.data
@@ -83,5 +80,6 @@ def run(
             "classes_in_high_loss_subset": torch.bincount(
                 data.train_labels[high_loss], minlength=data.num_classes
             ).tolist(),
-        }
+        },
+        (store.indices_path,),
     )

@@ -43,5 +43,6 @@ def run(
             "num_images": len(targets),
             "dim": int(targets.shape[1]),
             "images_per_second": len(targets) / ctx.seconds(),
-        }
+        },
+        (ctx.store.targets_path,),
     )

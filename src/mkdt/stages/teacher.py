@@ -13,7 +13,6 @@ from torch import nn
 
 from mkdt.config import Config
 from mkdt.data.real import RealData
-from mkdt.errors import ConfigError
 from mkdt.nn.augment import SSLAugment
 from mkdt.nn.loading import load_encoder
 from mkdt.nn.models import build_network, feature_dim
@@ -33,10 +32,6 @@ def train_teacher(ctx: StageContext) -> tuple[nn.Module, list[float], list[float
     checkpoint. Returns the encoder (eval mode, on the device) and the loss and seconds per epoch."""
     config, real, runtime, t = ctx.config, ctx.real, ctx.runtime, ctx.config.teacher
     data = real.data
-    if t.batch_size > data.num_train:
-        raise ConfigError(
-            f"teacher.batch_size ({t.batch_size}) is larger than D_real ({data.num_train} images)"
-        )
     with seeded(derive_seed(config.seed, "teacher-init")):
         encoder = build_network(t.model, data.channels, data.image_size, out_dim=None).to(runtime.device)
         if t.method == "barlow_twins":
@@ -107,4 +102,4 @@ def run(
             f"teacher linear-probe accuracy on {config.data.name}: "
             f"{100 * result['probe_accuracy']:.2f}% (all {data.num_train} training labels)"
         )
-    return ctx.finish(result)
+    return ctx.finish(result, (ctx.store.encoder_path,))

@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from mkdt.errors import ArtifactError
 from mkdt.files import check_same_definition, fingerprint, load_checkpoint, save_checkpoint
 
 
@@ -33,7 +34,13 @@ class PeriodicCheckpoint:
         when there is no checkpoint. A checkpoint of another definition raises ArtifactError."""
         if self.path is None or not self.path.is_file():
             return {}
-        state = load_checkpoint(self.path)
+        try:
+            state = load_checkpoint(self.path)
+        except ArtifactError as exc:
+            raise ArtifactError(
+                f"{exc}: the {self.what} stage cannot resume from it; rerun the stage with "
+                "--force to start it again"
+            ) from None
         check_same_definition(self.what, self.path.parent, state, self.defining)
         for name, obj in objects.items():
             if isinstance(obj, torch.Generator):

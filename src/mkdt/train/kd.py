@@ -15,13 +15,14 @@ convolutions sum in another order).
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
-from mkdt.errors import ArtifactError
+from mkdt.errors import ArtifactError, TrainingDiverged
 from mkdt.nn.losses import KDLoss
 from mkdt.nn.models import ConvNet, convnet_ensemble, features_of, flatten_params
 from mkdt.runtime import Runtime, progress
@@ -65,11 +66,13 @@ def train_student(
     gen: torch.Generator,
     desc: str | None = None,
     runtime: Runtime | None = None,
+    lr_key: str = "the learning rate",
 ) -> Trajectory:
     """Train ``student`` in place on normalised ``inputs`` (N, C, H, W) -> ``targets`` (N, D).
 
     ``runtime`` (optional) runs the forward pass under its autocast / layout / compile settings;
-    the loss, gradients and SGD state stay float32."""
+    the loss, gradients and SGD state stay float32. A non-finite epoch loss raises TrainingDiverged
+    advising to lower ``lr_key`` (the config key of the learning rate)."""
     runtime = runtime or Runtime(inputs.device)
     optimizer = torch.optim.SGD(
         student.parameters(), lr=recipe.lr, momentum=recipe.momentum, weight_decay=recipe.weight_decay
@@ -88,7 +91,9 @@ def train_student(
         optimizer.step()
         return loss.detach()[None]
 
-    return _fit(step, lambda: flatten_params(student)[None], inputs, recipe, save_epochs, [gen], desc)[0]
+    return _fit(
+        step, lambda: flatten_params(student)[None], inputs, recipe, save_epochs, [gen], desc, lr_key
+    )[0]
 
 
 def train_students(
@@ -100,6 +105,7 @@ def train_students(
     gens: Sequence[torch.Generator],
     desc: str | None = None,
     runtime: Runtime | None = None,
+    lr_key: str = "the learning rate",
 ) -> list[Trajectory]:
     """Train same-architecture ``students`` at once, student k drawing its batches from ``gens[k]``.
 
@@ -111,7 +117,9 @@ def train_students(
     if len(students) != len(gens):
         raise ValueError(f"got {len(students)} students but {len(gens)} generators")
     if len(students) == 1:
-        return [train_student(students[0], inputs, targets, recipe, save_epochs, gens[0], desc, runtime)]
+        return [
+            train_student(students[0], inputs, targets, recipe, save_epochs, gens[0], desc, runtime, lr_key)
+        ]
     for student in students:
         student.train()
     params, buffers = torch.func.stack_module_state(list(students))  # (E, ...) copies, trained here
@@ -131,7 +139,7 @@ def train_students(
     def snapshot() -> torch.Tensor:
         return torch.cat([p.detach().flatten(1) for p in params.values()], dim=1)
 
-    trajectories = _fit(step, snapshot, inputs, recipe, save_epochs, gens, desc)
+    trajectories = _fit(step, snapshot, inputs, recipe, save_epochs, gens, desc, lr_key)
     stacked = params | buffers
     with torch.no_grad():
         for k, student in enumerate(students):
@@ -182,10 +190,12 @@ def _fit(
     save_epochs: Sequence[int],
     gens: Sequence[torch.Generator],
     desc: str | None,
+    lr_key: str,
 ) -> list[Trajectory]:
     """The epoch loop of E students: each epoch student k permutes the N ``inputs`` with ``gens[k]``;
     ``step`` takes the (E, b) indices of one batch, updates every student and returns their (E,)
-    mean losses; ``snapshot`` returns the (E, P) flat parameters."""
+    mean losses; ``snapshot`` returns the (E, P) flat parameters. A non-finite epoch loss raises
+    TrainingDiverged advising to lower ``lr_key``."""
     n, device = len(inputs), inputs.device
     saved = [snapshot()] if 0 in save_epochs else []
     losses = []
@@ -198,6 +208,11 @@ def _fit(
             idx = perms[:, i : i + recipe.batch_size]
             total += step(idx) * idx.shape[1]
         losses.append([t / n for t in total.tolist()])
+        if not all(map(math.isfinite, losses[-1])):
+            raise TrainingDiverged(
+                f"KD training{f' ({desc})' if desc else ''} diverged in epoch {epoch} "
+                f"(non-finite KD loss); lower {lr_key}"
+            )
         if epoch in save_epochs:
             saved.append(snapshot())
     params = torch.stack(saved, dim=1).cpu()  # (E, S, P)

@@ -16,6 +16,7 @@ from typing import Protocol
 import torch
 from torch import nn
 
+from mkdt.errors import TrainingDiverged
 from mkdt.nn.augment import SSLAugment
 from mkdt.nn.models import features_of
 from mkdt.runtime import Runtime, progress
@@ -118,6 +119,10 @@ def train_ssl(
             scheduler.step()
             total_loss += loss.detach()
         history.append(total_loss.item() / steps_per_epoch)  # .item() waits for the device
+        if not math.isfinite(history[-1]):
+            raise TrainingDiverged(
+                f"teacher training diverged in epoch {epoch + 1} (non-finite SSL loss); lower teacher.lr"
+            )
         seconds.append(time.perf_counter() - t0)
         bar.set_postfix(loss=f"{history[-1]:.4g}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
         if checkpoint.due(epoch + 1, recipe.epochs):
