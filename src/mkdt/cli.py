@@ -24,6 +24,7 @@ from mkdt.config import (
 )
 from mkdt.errors import MkdtError
 from mkdt.graph import STAGES, stage_keys
+from mkdt.runtime import rank_and_world
 
 DEFAULT_PRESET = "demo"
 
@@ -135,7 +136,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         stages = list(STAGES) if args.command == "run" else [args.command]
         out = args.out or f"runs/{args.preset}"
         run_stages(config, out, stages, force=args.force, repair=args.repair)
-        print(f"done: {', '.join(stages)} in {out}")
+        if rank_and_world()[0] == 0:
+            print(f"done: {', '.join(stages)} in {out}")
         return 0
     except MkdtError as exc:
         print(f"mkdt: error: {exc}", file=sys.stderr)

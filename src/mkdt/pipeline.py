@@ -51,27 +51,32 @@ def run_stages(
             if not (repair and store.damaged(name)) and store.is_done(name, defining(config, name)):
                 store.verified(name)
     todo = [name for name in names if force or store.record(name) is None]
-    created = store.prepare()
-    try:
-        needed = sum(estimated_bytes(config, real.data, name) for name in todo)
-        check_disk(store, needed, ", ".join(todo) or "the run")
-    except ArtifactError:
-        if created:
-            store.path.rmdir()  # a refused command leaves nothing behind
-        raise
-    write_text(store.path / "config.yaml", dump_config(config))
-    if force:
-        store.invalidate(later_stages(names[0]))
+    if runtime.is_main:
+        created = store.prepare()
+        try:
+            needed = sum(estimated_bytes(config, real.data, name) for name in todo)
+            check_disk(store, needed, ", ".join(todo) or "the run")
+        except ArtifactError:
+            if created:
+                store.path.rmdir()  # a refused command leaves nothing behind
+            raise
+        write_text(store.path / "config.yaml", dump_config(config))
+        if force:
+            store.invalidate(later_stages(names[0]))
+    runtime.barrier()
     records = {}
     for name in names:
         old = store.record(name) if repair else None
         damaged = store.damaged(name) if old is not None else []
-        if damaged:
+        if damaged and runtime.is_main:
             for rel in damaged:
                 (store.path / rel).unlink(missing_ok=True)
             store.invalidate([name])
+        runtime.barrier()
         records[name] = RUNNERS[name](config, out, force=force, real=real, runtime=runtime)
-        if damaged and old is not None and old.get("artifacts") != records[name].get("artifacts"):
-            store.invalidate(later_stages(name)[1:])
-        store.write_manifest(config_to_dict(config), list(STAGES))
+        if runtime.is_main:
+            if damaged and old is not None and old.get("artifacts") != records[name].get("artifacts"):
+                store.invalidate(later_stages(name)[1:])
+            store.write_manifest(config_to_dict(config), list(STAGES))
+        runtime.barrier()
     return records

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import torch
+import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from mkdt.errors import ConfigError
@@ -65,6 +66,13 @@ class Runtime:
         of width 4)."""
         dev = resolve_device(device)
         rank, world = rank_and_world()
+        if dev.type == "cuda" and dev.index is None and world > 1:
+            dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        if dev.type == "cuda":
+            torch.cuda.set_device(dev)
+        if world > 1 and "MASTER_ADDR" in os.environ and not dist.is_initialized():
+            # torchrun's environment: one process group for the whole process (NCCL on GPUs)
+            dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
         return cls(dev, precision, channels_last and dev.type == "cuda", compile, rank, world)
 
     def autocast(self) -> AbstractContextManager[Any]:
@@ -89,6 +97,39 @@ class Runtime:
     def is_main(self) -> bool:
         """True on rank 0, the process that writes shared records and prints."""
         return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        """True when this process is one of several ranks of an initialised process group."""
+        return self.world > 1 and dist.is_available() and dist.is_initialized()
+
+    def barrier(self) -> None:
+        """Wait until every rank gets here (a no-op in a single process)."""
+        if self.distributed:
+            dist.barrier()
+
+    def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        """``tensor`` summed over the ranks, in place (unchanged in a single process)."""
+        if self.distributed:
+            dist.all_reduce(tensor)
+        return tensor
+
+    def gather_objects(self, obj: T) -> list[T]:
+        """Every rank's ``obj``, in rank order (``[obj]`` in a single process)."""
+        if not self.distributed:
+            return [obj]
+        found: list[Any] = [None] * self.world
+        dist.all_gather_object(found, obj)
+        return found
+
+    def broadcast_object(self, obj: T) -> T:
+        """Rank 0's ``obj`` on every rank."""
+        if not self.distributed:
+            return obj
+        box: list[Any] = [obj]
+        dist.broadcast_object_list(box, src=0)
+        value: T = box[0]
+        return value
 
 
 @contextmanager

@@ -108,11 +108,18 @@ class StageContext:
         reads has finished with a matching definition and intact artifacts, that the run
         directory is writable and that it has room for this stage's artifacts."""
         check_budgets(self.config, self.real.data, [self.stage])
-        if (done := self.store.finished_or_reset(self.stage, self.spec, force, scratch)) is not None:
+        rt = self.runtime
+        if force:  # rank 0 alone removes the old record and scratch files
+            if rt.is_main:
+                self.store.finished_or_reset(self.stage, self.spec, True, scratch)
+            rt.barrier()
+        elif (done := self.store.finished_or_reset(self.stage, self.spec, False)) is not None:
             return done
         for upstream in STAGES[self.stage].inputs(self.config):
             self.store.require(upstream, defining(self.config, upstream), STAGES[upstream].command)
-        self.store.prepare()
+        if rt.is_main:
+            self.store.prepare()
+        rt.barrier()
         check_disk(
             self.store, estimated_bytes(self.config, self.real.data, self.stage), f"the {self.stage} stage"
         )
@@ -125,5 +132,10 @@ class StageContext:
 
     def finish(self, result: dict[str, Any], artifacts: tuple[Path, ...] = ()) -> dict[str, Any]:
         """Write the stage's record (with the seconds since :meth:`finished` and the size and hash
-        of each file in ``artifacts``) and return it."""
-        return self.store.finish(self.stage, self.spec, self.seconds(), result, artifacts)
+        of each file in ``artifacts``) on rank 0 and return it, on every rank once it exists."""
+        rt = self.runtime
+        record = (
+            self.store.finish(self.stage, self.spec, self.seconds(), result, artifacts) if rt.is_main else {}
+        )
+        rt.barrier()
+        return record if rt.is_main else self.store.record(self.stage) or {}

@@ -57,14 +57,16 @@ def run(
         backend,
         rt,
     )
-    matched = distill(
-        distiller, PeriodicCheckpoint(store.distill_checkpoint_path, ctx.spec, r.checkpoint_every, STAGE)
+    checkpoint = PeriodicCheckpoint(
+        store.distill_checkpoint_path, ctx.spec, r.checkpoint_every, STAGE, rt.is_main
     )
+    matched = distill(distiller, checkpoint)
     final = SyntheticSet(
         distiller.images.detach().cpu(), distiller.targets.detach().cpu(), distiller.lr.item()
     )
-    store.save_synthetic(final, data.mean, data.std, r.iterations)
-    store.save_grid(final.images, data.mean, data.std)
+    if rt.is_main:
+        store.save_synthetic(final, data.mean, data.std, r.iterations)
+        store.save_grid(final.images, data.mean, data.std)
     history = matched.history
     window = max(1, min(50, len(history) // 5))
     result = {
@@ -76,8 +78,9 @@ def run(
         "seconds_per_iteration": matched.seconds / max(1, matched.iterations_run),
         "seconds_first_iteration": matched.seconds_first_iteration,
     }
-    print(
-        f"distill: loss {result['loss_first']:.4f} -> {result['loss_last']:.4f} "
-        f"(mean of {window} its), learned lr {final.lr:.4f}"
-    )
+    if rt.is_main:
+        print(
+            f"distill: loss {result['loss_first']:.4f} -> {result['loss_last']:.4f} "
+            f"(mean of {window} its), learned lr {final.lr:.4f}"
+        )
     return ctx.finish(result, (store.synthetic_path, store.stage_dir(STAGE) / "grid.png"))

@@ -252,6 +252,35 @@ def pretraining_seconds(runs: dict[str, Any]) -> dict[str, float]:
     return {method: statistics.fmean(values) for method, values in seconds.items()}
 
 
+def evaluate_one(
+    ctx: StageContext,
+    method: str,
+    seed: int,
+    pset: SyntheticSet | None,
+    tasks: dict[str, ImageData],
+    out_dim: int,
+) -> dict[str, Any]:
+    """Pre-train the (method, seed) student and probe it on every task: the run's entry in
+    partial.json; a diverged pre-training is recorded as such, without probes."""
+    t0, rt = ctx.seconds(), ctx.runtime
+    try:
+        student, kd_loss = pretrain(ctx.config, method, seed, pset, ctx.real.data, out_dim, rt)
+        seconds = ctx.seconds() - t0
+        probes = probe(ctx.config, student, tasks, seed, ctx.real.data, rt.device)
+        diverged = False
+    except TrainingDiverged as exc:  # no accuracy is computed from a diverged encoder
+        print(f"evaluate: {exc}; {method} seed {seed} is marked diverged in the results", file=sys.stderr)
+        seconds, kd_loss, probes, diverged = ctx.seconds() - t0, [], [], True
+    return {
+        "method": method,
+        "seed": seed,
+        "seconds": seconds,
+        "kd_loss": kd_loss,
+        "probes": probes,
+        "diverged": diverged,
+    }
+
+
 def run(
     config: Config,
     out: str | Path,
@@ -272,28 +301,17 @@ def run(
     tasks = {entry: load_task(config, entry, data) for entry in task_names(config)}
     fp, v = fingerprint(ctx.spec), config.evaluate
     runs = store.load_partial(fp)
-    pairs = [(method, seed) for method in v.methods for seed in range(v.seeds)]
-    for method, seed in progress(pairs, desc="evaluate", unit="run"):
-        if f"{method}/{seed}" in runs:
-            continue
-        t0 = ctx.seconds()
-        try:
-            student, kd_loss = pretrain(config, method, seed, sets[method], data, z.shape[1], rt)
-            seconds = ctx.seconds() - t0
-            probes = probe(config, student, tasks, seed, data, rt.device)
-            diverged = False
-        except TrainingDiverged as exc:  # no accuracy is computed from a diverged encoder
-            print(f"evaluate: {exc}; {method} seed {seed} is marked diverged in the results", file=sys.stderr)
-            seconds, kd_loss, probes, diverged = ctx.seconds() - t0, [], [], True
-        runs[f"{method}/{seed}"] = {
-            "method": method,
-            "seed": seed,
-            "seconds": seconds,
-            "kd_loss": kd_loss,
-            "probes": probes,
-            "diverged": diverged,
-        }
-        store.save_partial(fp, runs)
+    todo = [(m, s) for m in v.methods for s in range(v.seeds) if f"{m}/{s}" not in runs]
+    # under torch.distributed the ranks take turns: rank r runs todo[i + r] of each round
+    rank, world = (rt.rank, rt.world) if rt.distributed else (0, 1)
+    for i in progress(range(0, len(todo), world), desc="evaluate", unit="run" if world == 1 else "round"):
+        mine = todo[i + rank] if i + rank < len(todo) else None
+        done = evaluate_one(ctx, mine[0], mine[1], sets[mine[0]], tasks, z.shape[1]) if mine else None
+        for run in rt.gather_objects(done):
+            if run is not None:
+                runs[f"{run['method']}/{run['seed']}"] = run
+        if rt.is_main:
+            store.save_partial(fp, runs)
     probes = [{"method": r["method"], "seed": r["seed"], **p} for r in runs.values() for p in r["probes"]]
     diverged_seeds: dict[str, list[int]] = {}
     for r in runs.values():
@@ -301,8 +319,9 @@ def run(
             diverged_seeds.setdefault(r["method"], []).append(r["seed"])
     records = report.build_records(probes, v.methods, list(tasks), v.label_fractions, diverged_seeds)
     table = report.results_table(records, table_header(config, data, sets))
-    store.save_results(records, table)
-    print(table, end="")
+    if rt.is_main:
+        store.save_results(records, table)
+        print(table, end="")
     return ctx.finish(
         {"results": records, "seconds_per_pretraining": pretraining_seconds(runs)},
         (store.path / "results.json", store.path / "results.md"),

@@ -76,8 +76,9 @@ def run(
                 k, traj, fp, {"arch": dataclasses.asdict(e.student), "final_loss": traj.loss[-1].item()}
             )
         seconds += ctx.seconds() - t0
-    if not rt.is_main or not all(store.has_expert(k, fp) for k in range(e.num_experts)):
-        return {}
+    rt.barrier()  # every rank's experts are written
+    if not all(store.has_expert(k, fp) for k in range(e.num_experts)):
+        return {}  # ranks without a process group: the last one to finish records the stage
     sizes = [store.expert_path(k).stat().st_size for k in range(e.num_experts)]
     final_loss = [store.expert_metadata(k)["final_loss"] for k in range(e.num_experts)]
     result = {
@@ -89,9 +90,10 @@ def run(
         "seconds_per_epoch": seconds / len(todo) / e.epochs if todo else None,  # per expert
         "final_loss_mean": sum(final_loss) / len(final_loss),
     }
-    print(
-        f"experts: {e.num_experts} x {result['mb_per_expert']:.2f} MB on disk, final KD loss "
-        f"{result['final_loss_mean']:.4g}"
-        + (f", {result['seconds_per_epoch']:.2f} s/epoch per expert, {parallel} at once" if todo else "")
-    )
+    if rt.is_main:
+        print(
+            f"experts: {e.num_experts} x {result['mb_per_expert']:.2f} MB on disk, final KD loss "
+            f"{result['final_loss_mean']:.4g}"
+            + (f", {result['seconds_per_epoch']:.2f} s/epoch per expert, {parallel} at once" if todo else "")
+        )
     return ctx.finish(result, tuple(store.expert_path(k) for k in range(e.num_experts)))

@@ -2,13 +2,16 @@
 
 The teacher's pre-projection features (8 x teacher width: 512 for a width-64 ResNet-18), computed
 once in eval mode from D_real normalised with the teacher's statistics, in batches, and stored as
-``targets/targets.safetensors`` (rows in D_real order).
+``targets/targets.safetensors`` (rows in D_real order). Under torch.distributed each rank encodes a
+contiguous share of the rows; rank 0 gathers and writes them.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
+
+import torch
 
 from mkdt.config import Config
 from mkdt.data.real import RealData
@@ -34,10 +37,14 @@ def run(
         return done
     data = ctx.real.data
     encoder = load_encoder(ctx.store.encoder_path, config.teacher.model, data.channels, data.image_size)
-    targets = encode(
-        encoder.to(ctx.runtime.device), ctx.real.inputs, config.targets.batch_size, desc="targets"
-    )
-    ctx.store.save_targets(targets)
+    rt, inputs = ctx.runtime, ctx.real.inputs
+    rows = -(-len(inputs) // rt.world)  # rank r encodes rows [r * rows, (r + 1) * rows)
+    mine = inputs[rt.rank * rows : (rt.rank + 1) * rows] if rt.distributed else inputs
+    targets = encode(encoder.to(rt.device), mine, config.targets.batch_size, desc="targets")
+    if rt.distributed:
+        targets = torch.cat(rt.gather_objects(targets))
+    if rt.is_main:
+        ctx.store.save_targets(targets)
     return ctx.finish(
         {
             "num_images": len(targets),

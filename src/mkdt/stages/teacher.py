@@ -41,7 +41,9 @@ def train_teacher(ctx: StageContext) -> tuple[nn.Module, list[float], list[float
             projector = simclr_projector(feature_dim(encoder), t.projector_dim, t.simclr_out_dim)
             loss_fn = NTXentLoss(temperature=t.temperature)
     projector = projector.to(runtime.device)
-    checkpoint = PeriodicCheckpoint(ctx.store.teacher_checkpoint_path, ctx.spec, t.checkpoint_every, STAGE)
+    checkpoint = PeriodicCheckpoint(
+        ctx.store.teacher_checkpoint_path, ctx.spec, t.checkpoint_every, STAGE, runtime.is_main
+    )
     history, seconds = train_ssl(
         encoder,
         projector,
@@ -84,19 +86,20 @@ def run(
         result["loaded_from"] = str(t.checkpoint)
     else:
         encoder, result["loss_history"], result["epoch_seconds"] = train_teacher(ctx)
-    ctx.store.save_encoder(
-        encoder,
-        {
-            "model": dataclasses.asdict(t.model),
-            "in_channels": data.channels,
-            "image_size": data.image_size,
-            "feature_dim": feature_dim(encoder),
-            "mean": list(data.mean),
-            "std": list(data.std),
-        },
-    )
+    if ctx.runtime.is_main:
+        ctx.store.save_encoder(
+            encoder,
+            {
+                "model": dataclasses.asdict(t.model),
+                "in_channels": data.channels,
+                "image_size": data.image_size,
+                "feature_dim": feature_dim(encoder),
+                "mean": list(data.mean),
+                "std": list(data.std),
+            },
+        )
     result["train_seconds"] = ctx.seconds()
-    if t.probe:
+    if t.probe and ctx.runtime.is_main:
         result["probe_accuracy"] = probe_accuracy(encoder, ctx.real, config.targets.batch_size)
         print(
             f"teacher linear-probe accuracy on {config.data.name}: "

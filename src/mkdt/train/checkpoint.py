@@ -26,8 +26,11 @@ class PeriodicCheckpoint:
     ``path=None`` disables checkpointing (the loop runs from scratch and saves nothing).
     """
 
-    def __init__(self, path: Path | None, defining: dict[str, Any], every: int, what: str) -> None:
+    def __init__(
+        self, path: Path | None, defining: dict[str, Any], every: int, what: str, writer: bool = True
+    ) -> None:
         self.path, self.defining, self.every, self.what = path, defining, every, what
+        self.writer = writer  # False on ranks other than 0: they resume from the file but never write it
 
     def resume(self, objects: dict[str, Any]) -> dict[str, Any]:
         """Restore ``objects`` in place from the checkpoint and return its progress values; {}
@@ -55,7 +58,7 @@ class PeriodicCheckpoint:
 
     def save(self, objects: dict[str, Any], **values: Any) -> None:
         """Write the state of ``objects`` and the progress ``values`` (atomically)."""
-        if self.path is None:
+        if self.path is None or not self.writer:
             return
         state = {
             name: obj.get_state() if isinstance(obj, torch.Generator) else obj.state_dict()

@@ -290,8 +290,13 @@ class Distiller:
 
     def step(self) -> torch.Tensor:
         """One iteration: draw B segments, match them, update pixels, alpha_syn (and Z_syn).
-        Returns the matching loss as a 0-dim tensor on the device (reading it syncs)."""
-        r, device = self.recipe, self.images.device
+        Returns the matching loss as a 0-dim tensor on the device (reading it syncs).
+
+        Under torch.distributed every rank draws the same B segments and batches (the generator
+        is seeded alike) and matches segments ``rank, rank + world, ...``; the gradients of the
+        mean loss (each rank's share weighted by its number of segments) are summed over the
+        ranks, so every rank takes the same update as one process matching all B."""
+        r, device, rt = self.recipe, self.images.device, self.runtime
         ks, ss = self._draw()
         ks, ss = ks.to(self.bank.device), ss.to(self.bank.device)
         start = self.bank[ks, ss].to(device)
@@ -303,24 +308,65 @@ class Distiller:
             ],
             dim=1,
         ).to(device)  # (N, B, b)
-        result = matching_grads(
-            self.backend,
-            self.student,
-            start,
-            target,
-            self.images,
-            self.targets,
-            self.lr,
-            batches,
-            r.learn_targets,
-            self.runtime.autocast,
-        )
+        if rt.distributed:
+            result = self._distributed_grads(start, target, batches)
+        else:
+            result = matching_grads(
+                self.backend,
+                self.student,
+                start,
+                target,
+                self.images,
+                self.targets,
+                self.lr,
+                batches,
+                r.learn_targets,
+                rt.autocast,
+            )
         self.images.grad, self.lr.grad = result.images, result.lr
         if self.opt_targets is not None:
             self.targets.grad = result.targets
         for opt in self.optimizers().values():
             opt.step()
         return result.loss
+
+    def _distributed_grads(
+        self, start: torch.Tensor, target: torch.Tensor, batches: torch.Tensor
+    ) -> MatchingGrads:
+        """This rank's segments matched, weighted by their share of B, summed over the ranks."""
+        rt, r = self.runtime, self.recipe
+        mine = list(range(rt.rank, r.trajectories, rt.world))
+        if mine:
+            local = matching_grads(
+                self.backend,
+                self.student,
+                start[mine],
+                target[mine],
+                self.images,
+                self.targets,
+                self.lr,
+                batches[:, mine],
+                r.learn_targets,
+                rt.autocast,
+            )
+            share = len(mine) / r.trajectories
+            parts = [local.loss * share, local.images * share, local.lr * share]
+            if r.learn_targets:
+                parts.append(
+                    local.targets * share if local.targets is not None else torch.zeros_like(self.targets)
+                )
+        else:  # fewer segments than ranks: this rank contributes nothing
+            parts = [
+                torch.zeros((), device=self.images.device),
+                torch.zeros_like(self.images),
+                torch.zeros_like(self.lr),
+            ]
+            if r.learn_targets:
+                parts.append(torch.zeros_like(self.targets))
+        flat = rt.all_reduce_sum(torch.cat([p.detach().reshape(-1) for p in parts]))
+        sizes = [p.numel() for p in parts]
+        pieces = [piece.view_as(p) for piece, p in zip(flat.split(sizes), parts, strict=True)]
+        return MatchingGrads(pieces[0], pieces[1], pieces[3] if r.learn_targets else None, pieces[2])
 
     def state_dict(self) -> dict[str, Any]:
         """The synthetic set, alpha_syn, the generator and the optimizers (a plain dict)."""

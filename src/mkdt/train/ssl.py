@@ -10,14 +10,15 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Protocol
 
 import torch
 from torch import nn
 
-from mkdt.errors import TrainingDiverged
+from mkdt.errors import ConfigError, TrainingDiverged
 from mkdt.nn.augment import SSLAugment
+from mkdt.nn.distributed import gather_batch, globalise_batch_norms
 from mkdt.nn.models import features_of
 from mkdt.runtime import Runtime, progress
 from mkdt.train.checkpoint import PeriodicCheckpoint
@@ -43,21 +44,63 @@ def cosine_with_warmup(step: int, total: int, warmup: int) -> float:
 
 
 def epoch_views(
-    images: torch.Tensor, augment: SSLAugment, method: str, batch_size: int, gen: torch.Generator
+    images: torch.Tensor,
+    augment: SSLAugment,
+    method: str,
+    batch_size: int,
+    gen: torch.Generator,
+    augment_gen: torch.Generator | None = None,
+    part: tuple[int, int] = (0, 1),
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """One epoch of (view 1, view 2) training batches of uint8 ``images`` (B, C, H, W).
 
     Index batches of a permutation drawn from ``gen`` (on the images' device; the last partial
-    batch is dropped), each augmented as a batch: the asymmetric pair for barlow_twins, two draws of
-    view 1 otherwise.
+    batch is dropped), each augmented as a batch (with ``augment_gen``, default ``gen``): the
+    asymmetric pair for barlow_twins, two draws of view 1 otherwise. ``part = (r, n)`` keeps the
+    r-th of n equal slices of every batch (rank r's share of a global batch).
     """
+    aug = augment_gen or gen
+    rank, world = part
+    share = batch_size // world
     perm = torch.randperm(len(images), generator=gen, device=images.device)
     for i in range(len(images) // batch_size):
-        batch = images[perm[i * batch_size : (i + 1) * batch_size]]
+        batch = images[perm[i * batch_size : (i + 1) * batch_size][rank * share : (rank + 1) * share]]
         if method == "barlow_twins":
-            yield augment.two_views(batch, gen)
+            yield augment.two_views(batch, aug)
         else:
-            yield augment(batch, gen), augment(batch, gen)
+            yield augment(batch, aug), augment(batch, aug)
+
+
+def ssl_step(
+    forward: Callable[[torch.Tensor], torch.Tensor],
+    loss_fn: nn.Module,
+    view1: torch.Tensor,
+    view2: torch.Tensor,
+    params: list[torch.nn.Parameter],
+    optimizer: torch.optim.Optimizer,
+    runtime: Runtime,
+) -> torch.Tensor:
+    """One optimisation step on a batch of two views; returns the loss (detached).
+
+    Under torch.distributed each rank passes its slice of the global batch: the projections are
+    gathered (:func:`mkdt.nn.distributed.gather_batch`) so that the loss, Barlow Twins'
+    standardisation and SimCLR's negatives cover the global batch, and the gradients are averaged
+    over the ranks (every rank computes the same global loss, whose gradient reaches its own rows
+    once per rank). This is data parallelism as DistributedDataParallel does it, written out
+    because the two views need two forward passes before one backward pass."""
+    with runtime.autocast():
+        p1 = forward(runtime.images(view1))
+        p2 = forward(runtime.images(view2))
+    loss = loss_fn(gather_batch(p1.float()), gather_batch(p2.float()))
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if runtime.distributed:
+        grads = [p.grad for p in params if p.grad is not None]
+        flat = runtime.all_reduce_sum(torch.cat([g.reshape(-1) for g in grads])) / runtime.world
+        for g, piece in zip(grads, flat.split([g.numel() for g in grads]), strict=True):
+            g.copy_(piece.view_as(g))
+    optimizer.step()
+    return loss.detach()
 
 
 def train_ssl(
@@ -75,6 +118,14 @@ def train_ssl(
     from ``checkpoint`` when it holds a state. Returns the mean loss and the wall seconds of
     every epoch (of earlier processes too); the encoder is left in eval mode."""
     n = len(images)
+    if runtime.distributed:  # batch statistics of the global batch
+        globalise_batch_norms(encoder)
+        globalise_batch_norms(projector)
+        if recipe.batch_size % runtime.world:
+            raise ConfigError(
+                f"teacher.batch_size ({recipe.batch_size}) must be a multiple of the number of "
+                f"ranks ({runtime.world}): it is the global batch, split evenly"
+            )
     features = runtime.compiled(features_of(runtime.prepare(encoder)))
     params = [*encoder.parameters(), *projector.parameters()]
     optimizer = torch.optim.Adam(
@@ -93,6 +144,19 @@ def train_ssl(
         "generator": gen,
     }
     resumed = checkpoint.resume(objects)
+
+    def rank_augmentation(epoch: int) -> tuple[torch.Generator | None, tuple[int, int]]:
+        """Under torch.distributed: this rank's augmentation stream for ``epoch`` (re-seeded each
+        epoch, so a resumed run draws the same) and its share of each batch."""
+        if not runtime.distributed:
+            return None, (0, 1)
+        seed = int(torch.randint(2**62, (1,), generator=torch.Generator().manual_seed(epoch_seed + epoch)))
+        return torch.Generator(device=images.device).manual_seed(seed + runtime.rank), (
+            runtime.rank,
+            runtime.world,
+        )
+
+    epoch_seed = int(gen.initial_seed())
     start = resumed.get("epoch", 0)
     history: list[float] = list(resumed.get("history", []))
     seconds: list[float] = list(resumed.get("epoch_seconds", []))
@@ -108,16 +172,12 @@ def train_ssl(
         encoder.train()
         projector.train()
         total_loss = torch.zeros((), device=images.device)
-        for view1, view2 in epoch_views(images, augment, recipe.method, recipe.batch_size, gen):
-            with runtime.autocast():
-                p1 = projector(features(runtime.images(view1)))
-                p2 = projector(features(runtime.images(view2)))
-            loss = loss_fn(p1.float(), p2.float())
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+        views = epoch_views(images, augment, recipe.method, recipe.batch_size, gen, *rank_augmentation(epoch))
+        for view1, view2 in views:
+            total_loss += ssl_step(
+                lambda x: projector(features(x)), loss_fn, view1, view2, params, optimizer, runtime
+            )
             scheduler.step()
-            total_loss += loss.detach()
         history.append(total_loss.item() / steps_per_epoch)  # .item() waits for the device
         if not math.isfinite(history[-1]):
             raise TrainingDiverged(

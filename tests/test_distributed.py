@@ -1,0 +1,111 @@
+"""torch.distributed with the real launcher: ``torchrun --standalone --nproc_per_node=2`` and gloo
+on the CPU, compared with one process (the teacher step, the distillation step, the experts stage
+and a whole tiny ``mkdt run``)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tests.helpers import TINY
+
+ROOT = Path(__file__).resolve().parents[1]
+WORKER = ROOT / "tests" / "distributed_worker.py"
+TORCHRUN = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or shutil.which("torchrun")
+pytestmark = pytest.mark.skipif(
+    TORCHRUN is None or not torch.distributed.is_available(), reason="needs torchrun and torch.distributed"
+)
+ENV = {**os.environ, "MKDT_PROGRESS": "0", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+
+
+def _torchrun(*args: str, ranks: int = 2) -> subprocess.CompletedProcess[str]:
+    command = [TORCHRUN, "--standalone", f"--nproc_per_node={ranks}", *args]
+    done = subprocess.run(command, env=ENV, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done
+
+
+def _single(*args: str) -> None:
+    subprocess.run([sys.executable, *args], env=ENV, check=True, capture_output=True, timeout=600)
+
+
+@pytest.mark.parametrize("method", ["barlow_twins", "simclr"])
+def test_two_ranks_take_the_teacher_step_of_one_process_with_the_global_batch(tmp_path, method):
+    _single(str(WORKER), method, str(tmp_path / "one.pt"))
+    _torchrun(str(WORKER), method, str(tmp_path / "two.pt"))
+    one, two = torch.load(tmp_path / "one.pt"), torch.load(tmp_path / "two.pt")
+    assert torch.allclose(one["loss"], two["loss"], rtol=1e-5)
+    moved = one["params"].abs().max()
+    assert torch.allclose(one["params"], two["params"], rtol=0, atol=1e-5 * moved)
+    assert torch.allclose(one["running_mean"], two["running_mean"], rtol=1e-5, atol=1e-8)
+
+
+def test_two_ranks_take_the_distillation_step_of_one_process(tmp_path):
+    _single(str(WORKER), "distill", str(tmp_path / "one.pt"))
+    _torchrun(str(WORKER), "distill", str(tmp_path / "two.pt"))
+    one, two = torch.load(tmp_path / "one.pt"), torch.load(tmp_path / "two.pt")
+    for key in ("loss", "images", "targets", "lr"):  # float64: equal up to summation order
+        assert torch.allclose(one[key], two[key], rtol=1e-12, atol=1e-12), key
+    assert not torch.equal(one["images"], torch.zeros_like(one["images"]))
+
+
+def _mkdt(out: Path, cache: Path, *extra: str) -> list[str]:
+    return [
+        "-m",
+        "mkdt",
+        "run",
+        "--out",
+        str(out),
+        *TINY,
+        "teacher.probe=false",
+        "evaluate.seeds=2",
+        "experts.num_experts=3",
+        f"data.cache_dir={cache}",
+        *extra,
+    ]
+
+
+def test_a_whole_run_under_torchrun_matches_one_process_and_resumes(tmp_path):
+    _single(*_mkdt(tmp_path / "one", tmp_path / "cache"))
+    done = _torchrun(*_mkdt(tmp_path / "two", tmp_path / "cache"))
+    assert done.stdout.count("done: teacher, targets") == 1  # rank 0 alone prints
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert sorted(p.name for p in (two / "experts").glob("*.safetensors")) == [
+        "expert_0000.safetensors",
+        "expert_0001.safetensors",
+        "expert_0002.safetensors",
+    ]
+    # the teacher trains on the global batch with per-rank augmentation streams: another random
+    # realisation of the same objective (the step itself is compared above), so shapes, not values
+    a, b = load_file(one / "teacher/encoder.safetensors"), load_file(two / "teacher/encoder.safetensors")
+    assert {k: v.shape for k, v in a.items()} == {k: v.shape for k, v in b.items()}
+    losses = __import__("json").loads((two / "teacher/stage.json").read_text())["result"]["loss_history"]
+    assert losses[-1] < losses[0]
+    records = [__import__("json").loads((d / "results.json").read_text()) for d in (one, two)]
+    assert [(r["method"], r["label_fraction"], len(r["accuracies"])) for r in records[0]] == [
+        (r["method"], r["label_fraction"], len(r["accuracies"])) for r in records[1]
+    ]
+    before = {p: p.stat().st_mtime_ns for p in two.rglob("*.safetensors")}
+    _torchrun(*_mkdt(two, tmp_path / "cache"))  # finished: every stage skipped on every rank
+    assert {p: p.stat().st_mtime_ns for p in two.rglob("*.safetensors")} == before
+
+
+def test_experts_under_torchrun_equal_one_process_bitwise(tmp_path):
+    # with the same teacher and targets, expert k does not depend on which rank trains it
+    _single(*_mkdt(tmp_path / "one", tmp_path / "cache"))
+    two = tmp_path / "two"
+    for stage in ("teacher", "targets"):
+        shutil.copytree(tmp_path / "one" / stage, two / stage)
+    _torchrun("-m", "mkdt", "experts", "--out", str(two), *_mkdt(two, tmp_path / "cache")[5:])
+    for k in range(3):
+        name = f"experts/expert_{k:04d}.safetensors"
+        a, b = load_file(tmp_path / "one" / name), load_file(two / name)
+        assert all(torch.equal(a[key], b[key]) for key in a)
+    assert (two / "experts/stage.json").is_file()
