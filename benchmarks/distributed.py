@@ -100,7 +100,9 @@ def child(args: argparse.Namespace) -> None:
 
     teacher_s = _timed(teacher, args.iterations, device)
     if runtime.is_main:
-        Path(args.child_json).write_text(json.dumps({"distill": distill_s, "teacher": teacher_s}))
+        Path(args.child_json).write_text(
+            json.dumps({"distill": distill_s, "teacher": teacher_s, "threads": torch.get_num_threads()})
+        )
     runtime.barrier()
 
 
@@ -138,6 +140,7 @@ def main(argv: list[str] | None = None) -> None:
                 env={**os.environ, "MKDT_PROGRESS": "0"},
             )
             timings = json.loads(out.read_text())
+        threads = timings.pop("threads")
         for what, seconds in timings.items():
             base.setdefault(what, seconds)
             records.append(
@@ -146,12 +149,13 @@ def main(argv: list[str] | None = None) -> None:
                     "ranks": ranks,
                     "seconds_per_step": seconds,
                     "ratio_to_1_rank": seconds / base[what],
-                    "device": hardware(args.device),
+                    "threads_per_rank": threads,
+                    "device": hardware(args.device).split(" (")[0],
                 }
             )
     report(
         records,
-        ["work", "ranks", "seconds_per_step", "ratio_to_1_rank", "device"],
+        ["work", "ranks", "seconds_per_step", "ratio_to_1_rank", "threads_per_rank", "device"],
         "same global work per step; on CPU the ranks share the cores (the ratio is the overhead)",
         args.json,
     )

@@ -115,3 +115,14 @@ def test_experts_benchmark_batched_matches_one_at_a_time(tmp_path):
     )
     assert [r["mode"] for r in records] == ["one-at-a-time", "batched"]
     assert records[1]["max_weight_diff"] < 1e-4
+
+
+def test_distributed_benchmark_runs_one_and_two_ranks(tmp_path):
+    records = _run("distributed", "--iterations", "1", tmp_path=tmp_path)
+    assert [(r["work"], r["ranks"]) for r in records] == [
+        ("distill", 1),
+        ("teacher", 1),
+        ("distill", 2),
+        ("teacher", 2),
+    ]
+    assert all(r["seconds_per_step"] > 0 for r in records) and records[0]["ratio_to_1_rank"] == 1

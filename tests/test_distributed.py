@@ -109,3 +109,40 @@ def test_experts_under_torchrun_equal_one_process_bitwise(tmp_path):
         a, b = load_file(tmp_path / "one" / name), load_file(two / name)
         assert all(torch.equal(a[key], b[key]) for key in a)
     assert (two / "experts/stage.json").is_file()
+
+
+def test_evaluation_under_torchrun_gives_the_single_process_table(tmp_path):
+    _single(*_mkdt(tmp_path / "one", tmp_path / "cache"))
+    two = tmp_path / "two"
+    shutil.copytree(tmp_path / "one", two)
+    for name in ("results.json", "results.md"):
+        (two / name).unlink()
+    shutil.rmtree(two / "evaluate")
+    _torchrun("-m", "mkdt", "evaluate", "--out", str(two), *_mkdt(two, tmp_path / "cache")[5:])
+    assert (two / "results.json").read_text() == (tmp_path / "one" / "results.json").read_text()
+    assert (two / "results.md").read_text() == (tmp_path / "one" / "results.md").read_text()
+
+
+def test_a_killed_torchrun_job_resumes_with_the_same_command(tmp_path):
+    import signal
+    import time
+
+    command = [TORCHRUN, "--standalone", "--nproc_per_node=2", *_mkdt(tmp_path / "run", tmp_path / "cache")]
+    job = subprocess.Popen(
+        command,
+        env={**ENV, "MKDT_TEST_WRITE_DELAY": "0.3"},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    deadline = time.monotonic() + 300
+    while not (tmp_path / "run/distill/checkpoint.pt").exists() and job.poll() is None:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    assert job.poll() is None, "the job ended before distillation checkpointed"
+    os.killpg(job.pid, signal.SIGKILL)  # the launcher and both ranks
+    job.wait()
+    assert not (tmp_path / "run/distill/stage.json").exists()
+    _torchrun(*_mkdt(tmp_path / "run", tmp_path / "cache"))
+    assert (tmp_path / "run/evaluate/stage.json").is_file()
+    assert not list((tmp_path / "run").rglob("*.tmp"))

@@ -187,7 +187,11 @@ BAD_INPUTS: list[tuple[str, str, Setup]] = [
         "repair it with `mkdt experts --repair",
         lambda r, m: _damage(r, "experts/expert_0001.safetensors", truncate=False),
     ),
-    ("unreadable stage record", "cannot read", lambda r, m: _damage(r, "init/stage.json", truncate=True)),
+    (
+        "unreadable stage record",
+        "redo the stage with `mkdt init --force",
+        lambda r, m: _damage(r, "init/stage.json", truncate=True),
+    ),
     ("--out is a file", "is a file, not a folder", lambda r, m: [f"--out={_write(r / 'a-file', 'x')}"]),
     ("--out on a read-only file system", "choose a writable --out", lambda r, m: _read_only_out()),
     ("full disk before compute", "not enough free disk", lambda r, m: _tiny_disk(r, m)),

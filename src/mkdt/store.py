@@ -129,7 +129,15 @@ class RunDir:
     def record(self, stage: str) -> dict[str, Any] | None:
         """The finished stage's record, or None if the stage has not finished."""
         path = self.stage_dir(stage) / "stage.json"
-        record: dict[str, Any] | None = read_json(path) if path.is_file() else None
+        if not path.is_file():
+            return None
+        try:
+            record: dict[str, Any] = read_json(path)
+        except ArtifactError as exc:
+            raise ArtifactError(
+                f"{exc}; the {stage} stage's record is damaged: redo the stage with "
+                f"`mkdt {stage} --force --out {self.path}`"
+            ) from None
         return record
 
     def is_done(self, stage: str, defining: dict[str, Any]) -> bool:
