@@ -146,3 +146,13 @@ def test_a_killed_torchrun_job_resumes_with_the_same_command(tmp_path):
     _torchrun(*_mkdt(tmp_path / "run", tmp_path / "cache"))
     assert (tmp_path / "run/evaluate/stage.json").is_file()
     assert not list((tmp_path / "run").rglob("*.tmp"))
+
+
+def test_targets_under_torchrun_equal_one_process(tmp_path):
+    _single(*_mkdt(tmp_path / "one", tmp_path / "cache"))
+    two = tmp_path / "two"
+    shutil.copytree(tmp_path / "one" / "teacher", two / "teacher")
+    _torchrun("-m", "mkdt", "targets", "--out", str(two), *_mkdt(two, tmp_path / "cache")[5:])
+    one_z = load_file(tmp_path / "one/targets/targets.safetensors")["targets"]
+    two_z = load_file(two / "targets/targets.safetensors")["targets"]
+    assert one_z.shape == two_z.shape and torch.allclose(one_z, two_z, rtol=1e-5, atol=1e-6)
