@@ -1,7 +1,7 @@
 """Distillation iteration time and peak memory vs N, for the unrolled and recompute backends.
 
 For each N, with a ConvNet student, a random synthetic set and random expert segments, running
-:class:`mkdt.distill.Distiller` (the product code path):
+:class:`mkdt.train.matching.Distiller` (the product code path):
 
 - ``seconds_per_iteration``: this process builds both backends, runs one warm-up iteration of each,
   then ``--iterations`` timed iterations alternating unrolled, recompute, unrolled, ...; the median

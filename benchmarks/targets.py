@@ -1,10 +1,10 @@
-"""Target extraction throughput: mkdt.teacher.encode vs a DataLoader with per-image transforms.
+"""Target extraction throughput: mkdt.train.kd.encode vs a DataLoader with per-image transforms.
 
-Both pipelines feed the same ResNet-18 encoder (mkdt.models, width ``--width``, eval mode, no
+Both pipelines feed the same ResNet-18 encoder (mkdt.nn.models, width ``--width``, eval mode, no
 grad) with the same normalised inputs (checked before measuring) over random uint8 3x32x32 images
 with CIFAR-10 statistics, ``--batch`` images per forward pass:
 
-- ``mkdt``: :func:`mkdt.teacher.encode` (what the targets stage runs) on the uint8 images already
+- ``mkdt``: :func:`mkdt.train.kd.encode` (what the targets stage runs) on the uint8 images already
   resident on the device;
 - ``dataloader``: a Dataset over uint8 HWC arrays making a PIL image per item and applying a
   per-image ``torchvision.transforms.v2`` ToImage / ToDtype / Normalize, batched in order by

@@ -16,7 +16,7 @@ random draws; mkdt's jitter order is fixed and its hue shift is the YIQ rotation
   moved to the device.
 
 Stages: ``data`` only makes the views; ``train_step`` feeds them to one ResNet-18 Barlow Twins
-step (mkdt.models encoder of width ``--width``, the teacher's projector, loss and Adam, as in
+step (mkdt.nn.models encoder of width ``--width``, the teacher's projector, loss and Adam, as in
 ``train_teacher`` without the lr schedule). Each (stage, pipeline, workers) runs in a fresh
 process: one untimed warm-up batch (and train step), then one timed epoch of ``--batches``
 (``--train-batches``) batches from a fresh iterator, DataLoader worker start-up included.
