@@ -26,6 +26,7 @@ from typing import Any
 from mkdt.config import Config
 from mkdt.data.registry import source_identity
 from mkdt.files import file_sha256
+from mkdt.store import INIT_METHODS
 
 RUNTIME_KEYS = ("device", "precision", "channels_last", "compile")
 DATA_SOURCE_KEYS = ("data.root", "data.download", "data.cache_dir")
@@ -106,7 +107,7 @@ STAGES: dict[str, Stage] = {
             reads=("targets",),
             keys=("evaluate",),
             settings=RUNTIME_KEYS,
-            reads_if=(("init", _evaluates("random", "high_loss")), ("distill", _evaluates("mkdt"))),
+            reads_if=(("init", _evaluates(*INIT_METHODS)), ("distill", _evaluates("mkdt"))),
         ),
     )
 }

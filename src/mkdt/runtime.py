@@ -122,15 +122,6 @@ class Runtime:
         dist.all_gather_object(found, obj)
         return found
 
-    def broadcast_object(self, obj: T) -> T:
-        """Rank 0's ``obj`` on every rank."""
-        if not self.distributed:
-            return obj
-        box: list[Any] = [obj]
-        dist.broadcast_object_list(box, src=0)
-        value: T = box[0]
-        return value
-
 
 @contextmanager
 def seeded(seed: int) -> Iterator[None]:

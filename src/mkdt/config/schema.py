@@ -64,15 +64,21 @@ def check_device(device: str) -> None:
         )
 
 
+def parse_task(entry: str) -> tuple[str, str | None]:
+    """An ``evaluate.tasks`` entry: ``"name"`` -> (name, None); ``"name=root"`` -> (name, root)."""
+    name, sep, root = (part.strip() for part in entry.partition("="))
+    if not name or (sep and not root):
+        raise ConfigError(
+            f"invalid evaluate.tasks entry {entry!r}: expected a dataset name or "
+            "name=root (e.g. cifar100=/data/cifar100)"
+        )
+    return name, root or None
+
+
 def check_task(entry: str) -> None:
     """An ``evaluate.tasks`` entry: a registered dataset, an existing path, or ``name=root``."""
-    name, sep, root = (part.strip() for part in entry.partition("="))
-    check(
-        bool(name) and (not sep or bool(root)),
-        "evaluate.tasks",
-        f"entry {entry!r} must be a dataset name or name=root (e.g. cifar100=/data/cifar100)",
-    )
-    known = name in dataset_names() or (not sep and Path(name).expanduser().exists())
+    name, root = parse_task(entry)
+    known = name in dataset_names() or (root is None and Path(name).expanduser().exists())
     check(
         known,
         "evaluate.tasks",

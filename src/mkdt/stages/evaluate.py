@@ -36,6 +36,7 @@ from torch import nn
 
 from mkdt import report
 from mkdt.config import Config, ModelConfig
+from mkdt.config.schema import parse_task
 from mkdt.data import ImageData, load_dataset
 from mkdt.data.real import RealData
 from mkdt.errors import ConfigError, TrainingDiverged
@@ -43,12 +44,11 @@ from mkdt.files import fingerprint
 from mkdt.nn.models import build_network
 from mkdt.runtime import Runtime, derive_seed, generator, progress, seeded
 from mkdt.stages.context import StageContext
-from mkdt.store import RunDir, SyntheticSet
+from mkdt.store import INIT_METHODS, RunDir, SyntheticSet
 from mkdt.train.kd import KDRecipe, encode, train_student
 from mkdt.train.probe import linear_probe
 
 STAGE = "evaluate"
-SUBSET_METHODS = ("random", "high_loss")
 
 
 def student_model(config: Config) -> ModelConfig:
@@ -64,7 +64,7 @@ def pretraining_sets(
 ) -> dict[str, SyntheticSet | None]:
     """Each method's pre-training set (None for no_pretrain)."""
     methods, lr = config.evaluate.methods, config.evaluate.lr
-    indices = store.load_indices(config.init.images) if set(methods) & set(SUBSET_METHODS) else {}
+    indices = store.load_indices(config.init.images) if set(methods) & set(INIT_METHODS) else {}
     sets: dict[str, SyntheticSet | None] = {}
     for method in methods:
         if method == "no_pretrain":
@@ -119,17 +119,6 @@ def pretrain(
 
 
 # ---------------------------------------------------------------- downstream tasks
-
-
-def parse_task(entry: str) -> tuple[str, str | None]:
-    """``"name"`` -> (name, None); ``"name=root"`` -> (name, root)."""
-    name, sep, root = (part.strip() for part in entry.partition("="))
-    if not name or (sep and not root):
-        raise ConfigError(
-            f"invalid evaluate.tasks entry {entry!r}: expected a dataset name or "
-            "name=root (e.g. cifar100=/data/cifar100)"
-        )
-    return name, root or None
 
 
 def task_names(config: Config) -> list[str]:
@@ -236,7 +225,7 @@ def table_header(config: Config, data: ImageData, sets: dict[str, SyntheticSet |
         f"{student_model(config).arch} students pre-trained on {config.data.name} "
         f"({data.num_train} images)"
     ]
-    if set(sets) & {*SUBSET_METHODS, "mkdt"}:
+    if set(sets) & {*INIT_METHODS, "mkdt"}:
         parts.append(f"|D_syn| = {config.init.images}")
     if (mkdt := sets.get("mkdt")) is not None:
         parts.append(f"MKDT learned lr {mkdt.lr:.4g}")
@@ -300,7 +289,9 @@ def run(
     sets = pretraining_sets(store, config, ctx.real, z)
     tasks = {entry: load_task(config, entry, data) for entry in task_names(config)}
     fp, v = fingerprint(ctx.spec), config.evaluate
-    runs = store.load_partial(fp)
+    # every rank starts from rank 0's reading: rank 0 rewrites the file after each round, so a
+    # rank reading it later would see fewer runs to do and fall out of step
+    runs = rt.gather_objects(store.load_partial(fp) if rt.is_main else None)[0] or {}
     todo = [(m, s) for m in v.methods for s in range(v.seeds) if f"{m}/{s}" not in runs]
     # under torch.distributed the ranks take turns: rank r runs todo[i + r] of each round
     rank, world = (rt.rank, rt.world) if rt.distributed else (0, 1)

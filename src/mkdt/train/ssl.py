@@ -20,7 +20,7 @@ from mkdt.errors import ConfigError, TrainingDiverged
 from mkdt.nn.augment import SSLAugment
 from mkdt.nn.distributed import gather_batch, globalise_batch_norms
 from mkdt.nn.models import features_of
-from mkdt.runtime import Runtime, progress
+from mkdt.runtime import Runtime, derive_seed, generator, progress
 from mkdt.train.checkpoint import PeriodicCheckpoint
 
 
@@ -143,6 +143,7 @@ def train_ssl(
         "scheduler": scheduler,
         "generator": gen,
     }
+    base_seed = int(gen.initial_seed())  # read before resuming restores the generator's state
     resumed = checkpoint.resume(objects)
 
     def rank_augmentation(epoch: int) -> tuple[torch.Generator | None, tuple[int, int]]:
@@ -150,13 +151,9 @@ def train_ssl(
         epoch, so a resumed run draws the same) and its share of each batch."""
         if not runtime.distributed:
             return None, (0, 1)
-        seed = int(torch.randint(2**62, (1,), generator=torch.Generator().manual_seed(epoch_seed + epoch)))
-        return torch.Generator(device=images.device).manual_seed(seed + runtime.rank), (
-            runtime.rank,
-            runtime.world,
-        )
+        seed = derive_seed(base_seed, "augment", epoch, runtime.rank)
+        return generator(seed, images.device), (runtime.rank, runtime.world)
 
-    epoch_seed = int(gen.initial_seed())
     start = resumed.get("epoch", 0)
     history: list[float] = list(resumed.get("history", []))
     seconds: list[float] = list(resumed.get("epoch_seconds", []))
