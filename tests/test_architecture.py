@@ -13,6 +13,7 @@ from mkdt.pipeline import RUNNERS  # noqa: E402
 EDGES = import_graph.graph(ROOT / "src")
 STAGE_MODULES = {f"mkdt.stages.{name}" for name in STAGES}
 ABOVE_LIBRARY = {
+    "mkdt.downstream",
     "mkdt.graph",
     "mkdt.store",
     "mkdt.pipeline",

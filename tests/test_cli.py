@@ -4,6 +4,7 @@ import pytest
 
 from mkdt.cli import main
 from mkdt.config import Config, iter_fields
+from mkdt.report import EVAL_METHODS
 from tests.helpers import TINY
 
 
@@ -37,14 +38,20 @@ def test_run_writes_manifest_and_resumes(tmp_path, capsys):
     manifest = json.loads((tmp_path / "run/manifest.json").read_text())
     assert set(manifest["stages"]) == {"teacher", "targets", "experts", "init", "distill", "evaluate"}
     results = json.loads((tmp_path / "run/results.json").read_text())
-    assert {r["method"] for r in results} == {"no_pretrain", "random", "high_loss", "full", "mkdt"}
-    assert "MKDT" in capsys.readouterr().out
+    assert {r["method"] for r in results} == set(EVAL_METHODS)
+    out = capsys.readouterr().out
+    assert "MKDT" in out and "stage 1/6: teacher" in out and "stage 6/6: evaluate" in out
+    assert "matched window: expert epochs 0-3" in out  # T+ = 2, M = 2
+    assert "window check: probing experts [0, 1] at epochs 0 and 3" in out and "MKDT minus each baseline" in out
+    assert "window (expert epochs 0-3, " in out.split("window check: ")[2]
+    assert json.loads((tmp_path / "run/analysis/window.json").read_text())["experts"] == [0, 1]
     assert manifest["seed"] == 0 and "torch" in manifest["versions"]
     assert (tmp_path / "run/config.yaml").read_text().startswith("seed: 0")
     finished = manifest["stages"]["experts"]["finished"]
     assert main(args) == 0
     again = json.loads((tmp_path / "run/manifest.json").read_text())
     assert again["stages"]["experts"]["finished"] == finished
+    assert "stage " not in capsys.readouterr().out  # every stage was skipped
     assert main(["presets"]) == 0 and "demo" in capsys.readouterr().out
     assert main(["datasets"]) == 0 and "tinyimagenet" in capsys.readouterr().out
 

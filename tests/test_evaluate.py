@@ -7,6 +7,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from mkdt import downstream
+from mkdt.config.schema import parse_task
 from mkdt.data import load_dataset
 from mkdt.data.real import load_real
 from mkdt.errors import ArtifactError, ConfigError
@@ -16,7 +18,7 @@ from mkdt.stages import distill, evaluate, experts, init, targets, teacher
 from mkdt.store import RunDir
 from tests.helpers import real_data, tiny_config
 
-METHODS = ["no_pretrain", "random", "high_loss", "full", "mkdt"]
+METHODS = ["no_pretrain", "random", "high_loss", "full", "random@alpha", "high_loss@alpha", "mkdt"]
 SMALL = [
     "teacher.probe=false",
     "teacher.epochs=2",
@@ -79,13 +81,13 @@ def evaluated(tmp_path_factory):
 
 def _spy_on_label_subsets(mp):
     drawn = []
-    real = evaluate.labelled_subset
+    real = downstream.labelled_subset
 
     def spy(*args, **kwargs):
         drawn.append(real(*args, **kwargs))
         return drawn[-1]
 
-    mp.setattr(evaluate, "labelled_subset", spy)
+    mp.setattr(downstream, "labelled_subset", spy)
     return drawn
 
 
@@ -101,7 +103,7 @@ def test_results_schema_files_and_table(evaluated):
         assert all(0 <= a <= 100 for a in r["accuracies"])
         assert r["mean"] == pytest.approx(np.mean(r["accuracies"]))
         assert r["std"] == pytest.approx(np.std(r["accuracies"], ddof=1))
-    assert set(record["result"]["seconds_per_pretraining"]) == {"random", "high_loss", "full", "mkdt"}
+    assert set(record["result"]["seconds_per_pretraining"]) == set(METHODS) - {"no_pretrain"}
     table = (run.path / "results.md").read_text()
     assert "| 10% | MKDT |" in table and "| 50% | full data |" in table and "|D_syn| = 50" in table
 
@@ -145,6 +147,35 @@ def test_rerun_reuses_finished_pretraining_and_recomputes_identically(evaluated,
     assert sorted(calls) == [("full", 1), ("mkdt", 0)]
     assert again["result"]["results"] == record["result"]["results"]
     assert _without_seconds(read_json(partial_path)) == kept
+
+
+def test_lr_matched_controls_pretrain_the_same_images_at_mkdts_learned_step_size(evaluated, tmp_path):
+    config, run, _, _ = evaluated
+    out = _copy_run(run, tmp_path / "copy")
+    other = _config(
+        config.data.cache_dir, "evaluate.methods=[random, random@alpha, high_loss@alpha]", "evaluate.seeds=1"
+    )
+    seen = {}
+    real = evaluate.pretrain
+
+    def spy(config, method, seed, pset, *args):
+        seen[method] = pset
+        return real(config, method, seed, pset, *args)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(evaluate, "pretrain", spy)
+        results = evaluate.run(other, out)["result"]["results"]
+    alpha = run.load_synthetic().lr
+    assert alpha != pytest.approx(config.evaluate.lr)
+    assert (
+        seen["random"].lr == config.evaluate.lr
+        and seen["random@alpha"].lr == alpha == seen["high_loss@alpha"].lr
+    )
+    assert torch.equal(seen["random"].images, seen["random@alpha"].images)
+    assert torch.equal(seen["random"].targets, seen["random@alpha"].targets)
+    assert not torch.equal(seen["random@alpha"].images, seen["high_loss@alpha"].images)
+    assert {r["method"] for r in results} == {"random", "random@alpha", "high_loss@alpha"}
+    assert "random subset @ MKDT's lr" in (out / "results.md").read_text()
 
 
 def test_partial_of_another_config_is_ignored_and_name_root_tasks_load(evaluated, tmp_path):
@@ -219,28 +250,28 @@ def test_rgb_task_for_a_grayscale_encoder_is_a_config_error(evaluated, tmp_path,
 def test_grayscale_task_is_repeated_to_rgb(evaluated):
     config, _, _, _ = evaluated
     digits = real_data(config)
-    rgb = evaluate.match_channels(digits, 3, "digits")
+    rgb = downstream.match_channels(digits, 3, "digits")
     assert rgb.channels == 3 and torch.equal(rgb.test_images[:, 2], digits.test_images[:, 0])
     assert rgb.mean == digits.mean * 3
 
 
 def test_task_entries_are_parsed():
-    assert evaluate.parse_task("cifar100") == ("cifar100", None)
-    assert evaluate.parse_task("cifar100=/data/c100") == ("cifar100", "/data/c100")
+    assert parse_task("cifar100") == ("cifar100", None)
+    assert parse_task("cifar100=/data/c100") == ("cifar100", "/data/c100")
     for bad in ("=/data", "cifar100="):
         with pytest.raises(ConfigError, match="name=root"):
-            evaluate.parse_task(bad)
+            parse_task(bad)
 
 
 def test_label_subsets(evaluated):
     config, _, _, _ = evaluated
     digits = real_data(config)
-    images, labels = evaluate.labelled_subset(digits, 0.001, False, seed=3)
+    images, labels = downstream.labelled_subset(digits, 0.001, False, seed=3)
     assert len(labels) == 10  # at least num_classes
-    again, _ = evaluate.labelled_subset(digits, 0.001, False, seed=3)
+    again, _ = downstream.labelled_subset(digits, 0.001, False, seed=3)
     assert torch.equal(images, again)
-    _, balanced = evaluate.labelled_subset(digits, 0.05, True, seed=3)
+    _, balanced = downstream.labelled_subset(digits, 0.05, True, seed=3)
     counts = torch.bincount(balanced, minlength=10)
     assert counts.sum() == round(0.05 * 1437) and counts.max() - counts.min() <= 1
-    _, all_labels = evaluate.labelled_subset(digits, 1.0, False, seed=3)
+    _, all_labels = downstream.labelled_subset(digits, 1.0, False, seed=3)
     assert torch.equal(all_labels.sort().values, digits.train_labels.sort().values)

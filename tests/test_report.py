@@ -2,6 +2,7 @@ import math
 
 import pytest
 
+from mkdt import report
 from mkdt.report import build_records, fraction_label, make_record, results_table, summarise
 
 
@@ -86,3 +87,17 @@ def test_table_without_header_and_unknown_method_last():
     lines = results_table(records).splitlines()
     assert lines[0].startswith("| labels |")
     assert lines[2:] == ["| 1% | MKDT | 44.36 ± 0.00 |", "| 1% | krr_st | 37.19 ± 0.00 |"]
+
+
+def test_mkdt_margins_name_the_baselines_mkdt_does_not_beat():
+    records = [
+        report.make_record(m, "c10", 0.01, [0, 1], accs)
+        for m, accs in (("no_pretrain", [30, 32]), ("random", [28, 28]), ("mkdt", [31, 31]), ("full", [40, 40]))
+    ]
+    text = report.mkdt_margins(records)
+    assert "c10 1% labels: no pre-training +0.00, random subset +3.00" in text
+    assert "full data" not in text.splitlines()[0]
+    assert text.splitlines()[-1].startswith("MKDT does not beat: no pre-training")
+    records[2] = report.make_record("mkdt", "c10", 0.01, [0, 1], [35, 35])
+    assert report.mkdt_margins(records).splitlines()[-1].startswith("MKDT beats every baseline")
+    assert report.mkdt_margins(records[:2]) == ""

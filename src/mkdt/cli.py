@@ -2,6 +2,8 @@
 
 mkdt STAGE [--preset NAME] [--config FILE] [--out DIR] [--force] [key=value ...]
     STAGE: teacher, targets, experts, init, distill, evaluate, run (all stages in order)
+mkdt analyze NAME [--preset NAME] [--out RUN] [options] [key=value ...]
+    NAME: trajectories, replay, variance, theorem (see `mkdt analyze --help`)
 mkdt config  [--preset NAME] [--config FILE] [key=value ...]   print the resolved config
 mkdt presets                                                   list the presets
 mkdt datasets                                                  list the registered datasets
@@ -10,10 +12,14 @@ mkdt datasets                                                  list the register
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 from collections.abc import Sequence
+from types import ModuleType
+from typing import Any
 
 from mkdt import __version__
+from mkdt.analysis import ANALYSES
 from mkdt.config import (
     Config,
     dump_config,
@@ -60,6 +66,24 @@ def _add_config_args(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _analysis(name: str) -> ModuleType:
+    return importlib.import_module(f"mkdt.analysis.{name}")
+
+
+def _add_analyses(sub: Any) -> None:
+    """``mkdt analyze NAME``: one sub-subcommand per module of :mod:`mkdt.analysis`."""
+    text = "analyses of a run: trajectories, replay, variance, theorem (writes RUN/analysis/)"
+    analyze = sub.add_parser("analyze", help=text, description=text)
+    names = analyze.add_subparsers(dest="analysis", required=True, metavar="NAME")
+    for name in ANALYSES:
+        module = _analysis(name)
+        p = names.add_parser(name, help=module.SUMMARY, description=module.SUMMARY)
+        if module.NEEDS_RUN:
+            _add_config_args(p)
+            p.add_argument("--out", metavar="RUN", help="the run directory (default: runs/<preset>)")
+        module.add_arguments(p)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser: one subcommand per stage (help from :mod:`mkdt.graph`), plus run,
     config, presets and datasets."""
@@ -92,6 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
             help="redo a finished stage whose artifacts are missing or damaged (experts: only those); later "
             "stages stay valid if the repaired artifacts equal the recorded ones",
         )
+    _add_analyses(sub)
     p = sub.add_parser(
         "config",
         help="print the resolved config as YAML",
@@ -126,6 +151,15 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             for name, spec in sorted(DATASETS.items()):
                 print(f"{name:14s} {spec.description}")
+            return 0
+        if args.command == "analyze":
+            module = _analysis(args.analysis)
+            if module.NEEDS_RUN:
+                config = load_config(args.preset, args.config, args.overrides)
+                args.out = args.out or f"runs/{args.preset}"
+                module.main(args, config)
+            else:
+                module.main(args, None)
             return 0
         config = load_config(args.preset, args.config, args.overrides)
         if args.command == "config":

@@ -26,6 +26,7 @@ from typing import Any
 from mkdt.config import Config
 from mkdt.data.registry import source_identity
 from mkdt.files import file_sha256
+from mkdt.report import LR_MATCHED
 from mkdt.store import INIT_METHODS
 
 RUNTIME_KEYS = ("device", "precision", "channels_last", "compile")
@@ -99,7 +100,13 @@ STAGES: dict[str, Stage] = {
             "optimise the synthetic images (and alpha_syn) by matching expert trajectories",
             reads=("init",),
             keys=("distill",),
-            settings=(*RUNTIME_KEYS, "distill.backend", "distill.checkpoint_every", "distill.log_every"),
+            settings=(
+                *RUNTIME_KEYS,
+                "distill.backend",
+                "distill.checkpoint_every",
+                "distill.log_every",
+                "distill.check_window",
+            ),
         ),
         Stage(
             "evaluate",
@@ -107,7 +114,10 @@ STAGES: dict[str, Stage] = {
             reads=("targets",),
             keys=("evaluate",),
             settings=RUNTIME_KEYS,
-            reads_if=(("init", _evaluates(*INIT_METHODS)), ("distill", _evaluates("mkdt"))),
+            reads_if=(
+                ("init", _evaluates(*INIT_METHODS, *LR_MATCHED)),
+                ("distill", _evaluates("mkdt", *LR_MATCHED)),
+            ),
         ),
     )
 }

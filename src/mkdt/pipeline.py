@@ -4,14 +4,17 @@ done first (so that a refused command changes nothing on disk)."""
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from mkdt.analysis.trajectories import LOW_SHARE, analyse
 from mkdt.config import Config, config_to_dict, dump_config
-from mkdt.data.real import load_real
+from mkdt.data.real import RealData, load_real
+from mkdt.downstream import window_of, window_summary
 from mkdt.errors import ArtifactError
-from mkdt.files import write_text
+from mkdt.files import fingerprint, read_json, write_json, write_text
 from mkdt.graph import STAGES, defining, later_stages
 from mkdt.runtime import Runtime
 from mkdt.stages import distill, evaluate, experts, init, targets, teacher
@@ -27,6 +30,41 @@ RUNNERS: dict[str, StageRun] = {
     "distill": distill.run,
     "evaluate": evaluate.run,
 }
+
+
+def check_window(config: Config, store: RunDir, real: RealData, runtime: Runtime) -> str | None:
+    """Before distilling (``distill.check_window``): the cheap trajectories analysis (experts 0
+    and 1 at the window's ends, the full-data reference from one seed), written to
+    ``analysis/window.*``, reused while the distill and evaluate definitions are unchanged; prints
+    the verdict and warns when the window holds less than LOW_SHARE of the full-data gain; returns
+    the warning (None without one)."""
+    definition = fingerprint(
+        {"distill": defining(config, "distill"), "evaluate": defining(config, "evaluate")}
+    )
+    path = store.path / "analysis" / "window.json"
+    record = read_json(path) if path.is_file() else {}
+    if record.get("definition") != definition:
+        window = window_of(config, real.num_train)
+        experts = list(range(min(2, config.experts.num_experts)))
+        print(
+            f"window check: probing experts {experts} at epochs 0 and {window.end_epoch} "
+            "(distill.check_window)"
+        )
+        record = analyse(
+            config, store.path, experts, [0, window.end_epoch], real=real, runtime=runtime, name="window"
+        )
+        write_json(path, {**record, "definition": definition})
+    print(f"window check: {record['verdict']}")
+    share = record["window_share"]
+    if share >= LOW_SHARE:
+        return None
+    held = "no" if share != share else f"{100 * share:.0f}% of the"  # nan: no gain to share
+    warning = (
+        f"mkdt: warning: the matched window holds {held} full-data gain, so MKDT cannot beat no "
+        f"pre-training by much here; see {store.path / 'analysis' / 'window.md'} and docs/method.md §8"
+    )
+    print(warning, file=sys.stderr)
+    return warning
 
 
 def run_stages(
@@ -64,7 +102,9 @@ def run_stages(
         if force:
             store.invalidate(later_stages(names[0]))
     runtime.barrier()
-    records = {}
+    if runtime.is_main and todo:
+        print(f"mkdt: {', '.join(todo)} into {store.path}; {window_summary(config, real.num_train)}")
+    records, warning = {}, None
     for name in names:
         old = store.record(name) if repair else None
         damaged = store.damaged(name) if old is not None else []
@@ -73,10 +113,19 @@ def run_stages(
                 (store.path / rel).unlink(missing_ok=True)
             store.invalidate([name])
         runtime.barrier()
+        if force or store.record(name) is None:
+            if runtime.is_main:
+                print(f"stage {list(STAGES).index(name) + 1}/{len(STAGES)}: {name}", flush=True)
+            if name == "distill" and config.distill.check_window:
+                if runtime.is_main:
+                    warning = check_window(config, store, real, runtime)
+                runtime.barrier()
         records[name] = RUNNERS[name](config, out, force=force, real=real, runtime=runtime)
         if runtime.is_main:
             if damaged and old is not None and old.get("artifacts") != records[name].get("artifacts"):
                 store.invalidate(later_stages(name)[1:])
             store.write_manifest(config_to_dict(config), list(STAGES))
         runtime.barrier()
+    if warning and "evaluate" in records:  # repeated under the results it explains
+        print(warning, file=sys.stderr)
     return records

@@ -20,10 +20,15 @@ METHOD_NAMES = {
     "no_pretrain": "no pre-training",
     "random": "random subset",
     "high_loss": "high-loss subset",
+    "random@alpha": "random subset @ MKDT's lr",
+    "high_loss@alpha": "high-loss subset @ MKDT's lr",
     "mkdt": "MKDT",
     "full": "full data",
 }
-EVAL_METHODS = ("no_pretrain", "random", "high_loss", "full", "mkdt")  # what the evaluate stage runs
+EVAL_METHODS = ("no_pretrain", "random", "high_loss", "full", "random@alpha", "high_loss@alpha", "mkdt")
+"""What the evaluate stage runs; ``X@alpha`` is subset X pre-trained at MKDT's learned alpha_syn."""
+AT_ALPHA = "@alpha"
+LR_MATCHED = ("random@alpha", "high_loss@alpha")  # the lr-matched controls
 MISSING = "–"
 
 
@@ -97,6 +102,31 @@ def build_records(
                     record["diverged_seeds"] = failed
                 records.append(record)
     return records
+
+
+def mkdt_margins(records: Sequence[dict[str, Any]]) -> str:
+    """Lines saying, per task and label fraction, MKDT's mean minus each same-size baseline's
+    mean (``full`` is an upper reference, not a baseline) and which baselines MKDT does not beat;
+    "" without MKDT records."""
+    means = {(r["method"], r["task"], r["label_fraction"]): r["mean"] for r in records}
+    lines, behind = [], set()
+    for (method, task, fraction), mean in means.items():
+        if method != "mkdt" or mean is None:
+            continue
+        parts = []
+        for (other, t, f), value in means.items():
+            if (t, f) == (task, fraction) and other not in ("mkdt", "full") and value is not None:
+                parts.append(f"{method_label(other)} {mean - value:+.2f}")
+                if mean <= value:
+                    behind.add(method_label(other))
+        if parts:
+            lines.append(
+                f"MKDT minus each baseline, {task} {fraction_label(fraction)} labels: " + ", ".join(parts)
+            )
+    if not lines:
+        return ""
+    verdict = f"MKDT does not beat: {', '.join(sorted(behind))}" if behind else "MKDT beats every baseline"
+    return "\n".join([*lines, verdict + " (means over seeds; compare with the std in the table)"]) + "\n"
 
 
 def fraction_label(fraction: float) -> str:

@@ -293,6 +293,11 @@ class DistillConfig:
         "unrolled graph would be large, see BENCHMARKS.md)",
     )
     checkpoint_every: int = opt(100, "save a resumable checkpoint every this many iterations")
+    check_window: bool = opt(
+        True,
+        "before distilling, probe 2 experts at the window's ends and the full-data reference, print "
+        "how much of the gain the window holds and warn below 25% (writes analysis/window.*)",
+    )
     log_every: int = opt(
         10,
         "read the loss and alpha_syn back from the device (progress bar, "

@@ -7,17 +7,17 @@ Pre-training sets (``evaluate.methods``):
 - ``random`` / ``high_loss``: the real images chosen by the init stage with their teacher targets;
 - ``full``: all of D_real with all targets;
 - ``mkdt``: the distilled set (its images are already normalised) with its learned alpha_syn as
-  learning rate (real sets use ``evaluate.lr``).
+  learning rate (real sets use ``evaluate.lr``);
+- ``random@alpha`` / ``high_loss@alpha``: the lr-matched controls, the same real subsets
+  pre-trained at MKDT's learned alpha_syn. MKDT's lead over them is what the distilled pixels
+  carry; its lead over ``random`` and ``high_loss`` mixes that with the larger step size.
 
 For every method and seed s < ``evaluate.seeds`` a student (``evaluate.model``, default
 ``experts.student``) is initialised from ``derive_seed(seed, "evaluate", method, s, "init")`` and
 trained ONCE with the KD loop (:func:`mkdt.train.kd.train_student`, batch order from
 ``derive_seed(seed, "evaluate", method, s, "batches")``). Its penultimate features are then probed
-on every task and label fraction: the labelled images are a fraction of the task's training split
-drawn from ``derive_seed(seed, "labels", task, fraction, s)`` (the same for every method), the
-accuracy is measured on the whole test split. Task images are resized to the pre-training
-resolution, grayscale is repeated to RGB where the student takes 3 channels, and all images are
-normalised with D_real's statistics (what the encoder was trained on).
+on every task and label fraction as :mod:`mkdt.downstream` describes (labelled images drawn from
+``derive_seed(seed, "labels", task, fraction, s)``, the same for every method).
 
 Artifacts: ``evaluate/partial.json`` (every finished (method, seed) with its probe results, so an
 interrupted stage resumes), ``OUT/results.json`` and ``OUT/results.md`` (:mod:`mkdt.report`).
@@ -25,35 +25,26 @@ interrupted stage resumes), ``OUT/results.json`` and ``OUT/results.md`` (:mod:`m
 
 from __future__ import annotations
 
-import dataclasses
 import statistics
 import sys
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 
 from mkdt import report
-from mkdt.config import Config, ModelConfig
-from mkdt.config.schema import parse_task
-from mkdt.data import ImageData, load_dataset
+from mkdt.config import Config
+from mkdt.data import ImageData
 from mkdt.data.real import RealData
-from mkdt.errors import ConfigError, TrainingDiverged
+from mkdt.downstream import load_task, pretrain, probe, student_model, task_names, window_summary
+from mkdt.errors import TrainingDiverged
 from mkdt.files import fingerprint
-from mkdt.nn.models import build_network
-from mkdt.runtime import Runtime, derive_seed, generator, progress, seeded
+from mkdt.report import AT_ALPHA, LR_MATCHED
+from mkdt.runtime import Runtime, progress
 from mkdt.stages.context import StageContext
 from mkdt.store import INIT_METHODS, RunDir, SyntheticSet
-from mkdt.train.kd import KDRecipe, encode, train_student
-from mkdt.train.probe import linear_probe
 
 STAGE = "evaluate"
-
-
-def student_model(config: Config) -> ModelConfig:
-    """The network pre-trained for evaluation: ``evaluate.model``, or ``experts.student``."""
-    return config.evaluate.model or config.experts.student
 
 
 # ---------------------------------------------------------------- pre-training
@@ -64,155 +55,22 @@ def pretraining_sets(
 ) -> dict[str, SyntheticSet | None]:
     """Each method's pre-training set (None for no_pretrain)."""
     methods, lr = config.evaluate.methods, config.evaluate.lr
-    indices = store.load_indices(config.init.images) if set(methods) & set(INIT_METHODS) else {}
+    subsets = {m.removesuffix(AT_ALPHA) for m in methods} & set(INIT_METHODS)
+    indices = store.load_indices(config.init.images) if subsets else {}
+    synthetic = store.load_synthetic() if {"mkdt", *LR_MATCHED} & set(methods) else None
     sets: dict[str, SyntheticSet | None] = {}
     for method in methods:
         if method == "no_pretrain":
             sets[method] = None
         elif method == "mkdt":
-            sets[method] = store.load_synthetic()
+            sets[method] = synthetic
         elif method == "full":
             sets[method] = SyntheticSet(real.inputs, z, lr)
         else:
-            idx = indices[method].to(real.device)
-            sets[method] = SyntheticSet(real.inputs[idx], z[idx], lr)
+            idx = indices[method.removesuffix(AT_ALPHA)].to(real.device)
+            step = synthetic.lr if method.endswith(AT_ALPHA) and synthetic is not None else lr
+            sets[method] = SyntheticSet(real.inputs[idx], z[idx], step)
     return sets
-
-
-def pretrain(
-    config: Config,
-    method: str,
-    seed: int,
-    pset: SyntheticSet | None,
-    data: ImageData,
-    out_dim: int,
-    runtime: Runtime,
-) -> tuple[nn.Module, list[float]]:
-    """A fresh student for (method, seed) KD-trained on ``pset`` (left at its init when None).
-
-    Returns the student (on the device) and its mean KD loss per epoch ([] without training).
-    """
-    device = runtime.device
-    with seeded(derive_seed(config.seed, STAGE, method, seed, "init")):
-        student = build_network(student_model(config), data.channels, data.image_size, out_dim).to(device)
-    if pset is None:
-        return student, []
-    v = config.evaluate
-    recipe = KDRecipe(
-        epochs=v.epochs, lr=pset.lr, momentum=v.momentum, weight_decay=v.weight_decay, batch_size=v.batch_size
-    )
-    gen = generator(derive_seed(config.seed, STAGE, method, seed, "batches"), device)
-    trajectory = train_student(
-        student,
-        pset.images.to(device),
-        pset.targets.to(device),
-        recipe,
-        [v.epochs],
-        gen,
-        desc=f"pre-train {method} (seed {seed})",
-        runtime=runtime,
-        lr_key="distill.lr_lr (mkdt pre-trains at its learned alpha_syn)"
-        if method == "mkdt"
-        else "evaluate.lr",
-    )
-    return student, trajectory.loss.tolist()
-
-
-# ---------------------------------------------------------------- downstream tasks
-
-
-def task_names(config: Config) -> list[str]:
-    """The task entries: ``evaluate.tasks``, or the pre-training dataset alone."""
-    return config.evaluate.tasks or [config.data.name]
-
-
-def match_channels(task: ImageData, channels: int, entry: str) -> ImageData:
-    """``task`` with ``channels`` channels: grayscale repeated to RGB; other mismatches raise
-    ConfigError."""
-    if task.channels == channels:
-        return task
-    if task.channels == 1 and channels == 3:
-        return dataclasses.replace(
-            task,
-            train_images=task.train_images.repeat(1, 3, 1, 1),
-            test_images=task.test_images.repeat(1, 3, 1, 1),
-            mean=task.mean * 3,
-            std=task.std * 3,
-        )
-    raise ConfigError(
-        f"task {entry!r} has {task.channels}-channel images but the encoder was "
-        f"pre-trained on {channels}-channel images; only grayscale -> RGB is "
-        "converted, so drop this task from evaluate.tasks"
-    )
-
-
-def load_task(config: Config, entry: str, reference: ImageData) -> ImageData:
-    """A task's whole dataset (not the pool of D_real) at the resolution and channel count of
-    ``reference`` (D_real). The pre-training dataset uses ``config.data``'s root and download."""
-    name, root = parse_task(entry)
-    d = config.data
-    if name == d.name and root is None:
-        task = load_dataset(
-            name, d.root, download=d.download, cache_dir=d.cache_dir, resolution=reference.image_size
-        )
-    else:
-        task = load_dataset(name, root, cache_dir=d.cache_dir, resolution=reference.image_size)
-    return match_channels(task, reference.channels, entry)
-
-
-def labelled_subset(
-    task: ImageData, fraction: float, class_balanced: bool, seed: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(uint8 images, labels) of ``fraction`` of the task's training split, drawn from ``seed``.
-
-    At least num_classes images: uniformly without replacement, or class-balanced
-    (:meth:`ImageData.subset`: equal shares, so at least one image per class).
-    """
-    k = min(task.num_train, max(task.num_classes, round(fraction * task.num_train)))
-    if class_balanced:
-        chosen = task.subset(k, seed)
-        return chosen.train_images, chosen.train_labels
-    idx = torch.randperm(task.num_train, generator=torch.Generator().manual_seed(seed))[:k]
-    return task.train_images[idx], task.train_labels[idx]
-
-
-def probe(
-    config: Config,
-    student: nn.Module,
-    tasks: dict[str, ImageData],
-    seed: int,
-    reference: ImageData,
-    device: torch.device,
-) -> list[dict[str, Any]]:
-    """Probe the frozen student on every task and fraction: [{"task", "label_fraction",
-    "accuracy" (percent), "num_labels"}]."""
-    v, results = config.evaluate, []
-    for name, task in tasks.items():
-        test_x = encode(student, task.test_images.to(device), v.batch_size, normalize=reference.normalize)
-        for fraction in v.label_fractions:
-            images, labels = labelled_subset(
-                task, fraction, v.class_balanced, derive_seed(config.seed, "labels", name, fraction, seed)
-            )
-            train_x = encode(student, images.to(device), v.batch_size, normalize=reference.normalize)
-            accuracy = linear_probe(
-                train_x,
-                labels,
-                test_x,
-                task.test_labels,
-                num_classes=task.num_classes,
-                l2=v.probe_l2,
-                max_iter=v.probe_max_iter,
-                device=device,
-            )
-            results.append(
-                {
-                    "task": name,
-                    "label_fraction": fraction,
-                    "accuracy": 100 * accuracy,
-                    "num_labels": len(labels),
-                }
-            )
-    return results
 
 
 # ---------------------------------------------------------------- stage
@@ -229,6 +87,7 @@ def table_header(config: Config, data: ImageData, sets: dict[str, SyntheticSet |
         parts.append(f"|D_syn| = {config.init.images}")
     if (mkdt := sets.get("mkdt")) is not None:
         parts.append(f"MKDT learned lr {mkdt.lr:.4g}")
+        parts.append(window_summary(config, data.num_train))
     return "; ".join(parts) + "."
 
 
@@ -310,6 +169,8 @@ def run(
             diverged_seeds.setdefault(r["method"], []).append(r["seed"])
     records = report.build_records(probes, v.methods, list(tasks), v.label_fractions, diverged_seeds)
     table = report.results_table(records, table_header(config, data, sets))
+    if margins := report.mkdt_margins(records):
+        table += "\n" + margins
     if rt.is_main:
         store.save_results(records, table)
         print(table, end="")

@@ -127,6 +127,28 @@ def unrolled_matching_loss(
         return matching_distance(theta, start, target)
 
 
+def inner_steps(
+    student: nn.Module,
+    start: torch.Tensor,
+    images: torch.Tensor,
+    targets: torch.Tensor,
+    lr: float,
+    batches: torch.Tensor,
+    autocast: Autocast = nullcontext,
+) -> torch.Tensor:
+    """theta_N of the inner loop, without a graph: from ``start`` (P,), N = len(batches) steps
+    theta_{n+1} = theta_n - lr * grad KDLoss(f_{theta_n}(images[b_n]), targets[b_n]), exactly the
+    steps the distillation differentiates through (for replaying a finished set)."""
+    theta = start.detach()
+    for idx in batches:
+        with torch.enable_grad():
+            theta = theta.requires_grad_(True)
+            with autocast():
+                grad = _segment_grads(student, theta[None], images[idx][None], targets[idx][None], False)[0]
+        theta = (theta - lr * grad).detach()
+    return theta
+
+
 @dataclass
 class MatchingGrads:
     """L_DD and its gradients w.r.t. the synthetic images, targets and step size."""

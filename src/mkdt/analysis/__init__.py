@@ -1,0 +1,17 @@
+"""Analyses beside the pipeline: they read a run directory (or nothing) and write a table (.md),
+the numbers (.json) and a plot (.png) to ``RUN/analysis/`` (or ``--out``); no stage reads them.
+
+Each analysis module defines ``SUMMARY`` (one line for ``mkdt analyze --help``), ``NEEDS_RUN``
+(whether it takes the run's config and ``--out RUN``), ``add_arguments(parser)`` for its own
+options and ``main(args, config)``, which raises :class:`mkdt.errors.MkdtError` on user mistakes.
+
+- ``trajectories``: linear-probe accuracy along the expert trajectories, the distillation window
+  marked, and how much of the full-data gain lies inside it;
+- ``replay``: the experts' own initialisations trained on the distilled set as the inner loop
+  does, probed and compared with the experts at the window's end;
+- ``variance``: variance of the weights across runs that differ only in batch order, for SSL,
+  supervised learning and KD (the paper's Fig. 1a);
+- ``theorem``: a Monte Carlo check of the paper's Theorem 4.1, Var(grad SSL) > Var(grad SL).
+"""
+
+ANALYSES = ("trajectories", "replay")
