@@ -39,10 +39,16 @@ def test_run_writes_manifest_and_resumes(tmp_path, capsys):
     assert set(manifest["stages"]) == {"teacher", "targets", "experts", "init", "distill", "evaluate"}
     results = json.loads((tmp_path / "run/results.json").read_text())
     assert {r["method"] for r in results} == set(EVAL_METHODS)
-    out = capsys.readouterr().out
+    out, err = capsys.readouterr()
+    assert "\r" not in err and "evaluate: 100%" in err  # not a terminal: plain progress lines
+    log = (tmp_path / "run/log.txt").read_text()
+    assert "stage 1/6: teacher" in log and "evaluate: 100%" in log and "| 10% | MKDT |" in log
+    assert "MKDT minus each baseline" in log and "\r" not in log
     assert "MKDT" in out and "stage 1/6: teacher" in out and "stage 6/6: evaluate" in out
     assert "matched window: expert epochs 0-3" in out  # T+ = 2, M = 2
-    assert "window check: probing experts [0, 1] at epochs 0 and 3" in out and "MKDT minus each baseline" in out
+    assert (
+        "window check: probing experts [0, 1] at epochs 0 and 3" in out and "MKDT minus each baseline" in out
+    )
     assert "window (expert epochs 0-3, " in out.split("window check: ")[2]
     assert json.loads((tmp_path / "run/analysis/window.json").read_text())["experts"] == [0, 1]
     assert manifest["seed"] == 0 and "torch" in manifest["versions"]

@@ -21,17 +21,19 @@ from __future__ import annotations
 import errno
 import functools
 import hashlib
+import io
 import json
 import os
 import re
 import shutil
 import socket
+import sys
 import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 import torch
 from safetensors import SafetensorError
@@ -258,3 +260,41 @@ def check_same_definition(what: str, where: Path, found: dict[str, Any], definin
             f"({describe_difference(found.get('defining', {}), defining)}); use another --out, "
             f"or --force to redo {what} and the stages after it"
         )
+
+
+class Tee(io.TextIOBase):
+    """A text stream that writes to ``stream`` and appends the same text to ``log``, where a
+    line's carriage-return redraws (terminal progress bars) are reduced to their final state."""
+
+    def __init__(self, stream: TextIO, log: TextIO) -> None:
+        self.stream, self.log, self._line = stream, log, ""
+
+    def write(self, text: str) -> int:
+        self.stream.write(text)
+        *done, self._line = (self._line + text).split("\n")
+        for line in done:
+            self.log.write(line.rsplit("\r", 1)[-1] + "\n")
+        self.log.flush()
+        return len(text)
+
+    def flush(self) -> None:
+        self.stream.flush()
+
+    def isatty(self) -> bool:
+        return self.stream.isatty()
+
+
+@contextmanager
+def logged_to(path: Path) -> Iterator[None]:
+    """Inside the block, what is printed to stdout and stderr is also appended to ``path``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a", encoding="utf-8") as log:
+        out, err = sys.stdout, sys.stderr
+        sys.stdout, sys.stderr = Tee(out, log), Tee(err, log)
+        try:
+            yield
+        finally:
+            for tee in (sys.stdout, sys.stderr):
+                if isinstance(tee, Tee) and tee._line:
+                    log.write(tee._line.rsplit("\r", 1)[-1] + "\n")
+            sys.stdout, sys.stderr = out, err

@@ -4,6 +4,7 @@ done first (so that a refused command changes nothing on disk)."""
 
 from __future__ import annotations
 
+import contextlib
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -14,7 +15,7 @@ from mkdt.config import Config, config_to_dict, dump_config
 from mkdt.data.real import RealData, load_real
 from mkdt.downstream import window_of, window_summary
 from mkdt.errors import ArtifactError
-from mkdt.files import fingerprint, read_json, write_json, write_text
+from mkdt.files import fingerprint, logged_to, read_json, write_json, write_text
 from mkdt.graph import STAGES, defining, later_stages
 from mkdt.runtime import Runtime
 from mkdt.stages import distill, evaluate, experts, init, targets, teacher
@@ -102,30 +103,36 @@ def run_stages(
         if force:
             store.invalidate(later_stages(names[0]))
     runtime.barrier()
-    if runtime.is_main and todo:
-        print(f"mkdt: {', '.join(todo)} into {store.path}; {window_summary(config, real.num_train)}")
-    records, warning = {}, None
-    for name in names:
-        old = store.record(name) if repair else None
-        damaged = store.damaged(name) if old is not None else []
-        if damaged and runtime.is_main:
-            for rel in damaged:
-                (store.path / rel).unlink(missing_ok=True)
-            store.invalidate([name])
-        runtime.barrier()
-        if force or store.record(name) is None:
-            if runtime.is_main:
-                print(f"stage {list(STAGES).index(name) + 1}/{len(STAGES)}: {name}", flush=True)
-            if name == "distill" and config.distill.check_window:
+    log = logged_to(store.path / "log.txt") if runtime.is_main else contextlib.nullcontext()
+    with log:
+        if runtime.is_main and todo:
+            window = {"distill", "evaluate"} & set(todo)
+            print(
+                f"mkdt: {', '.join(todo)} into {store.path}"
+                + (f"; {window_summary(config, real.num_train)}" if window else "")
+            )
+        records, warning = {}, None
+        for name in names:
+            old = store.record(name) if repair else None
+            damaged = store.damaged(name) if old is not None else []
+            if damaged and runtime.is_main:
+                for rel in damaged:
+                    (store.path / rel).unlink(missing_ok=True)
+                store.invalidate([name])
+            runtime.barrier()
+            if force or store.record(name) is None:
                 if runtime.is_main:
-                    warning = check_window(config, store, real, runtime)
-                runtime.barrier()
-        records[name] = RUNNERS[name](config, out, force=force, real=real, runtime=runtime)
-        if runtime.is_main:
-            if damaged and old is not None and old.get("artifacts") != records[name].get("artifacts"):
-                store.invalidate(later_stages(name)[1:])
-            store.write_manifest(config_to_dict(config), list(STAGES))
-        runtime.barrier()
-    if warning and "evaluate" in records:  # repeated under the results it explains
-        print(warning, file=sys.stderr)
-    return records
+                    print(f"stage {list(STAGES).index(name) + 1}/{len(STAGES)}: {name}", flush=True)
+                if name == "distill" and config.distill.check_window:
+                    if runtime.is_main:
+                        warning = check_window(config, store, real, runtime)
+                    runtime.barrier()
+            records[name] = RUNNERS[name](config, out, force=force, real=real, runtime=runtime)
+            if runtime.is_main:
+                if damaged and old is not None and old.get("artifacts") != records[name].get("artifacts"):
+                    store.invalidate(later_stages(name)[1:])
+                store.write_manifest(config_to_dict(config), list(STAGES))
+            runtime.barrier()
+        if warning and "evaluate" in records:  # repeated under the results it explains
+            print(warning, file=sys.stderr)
+        return records

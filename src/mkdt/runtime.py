@@ -9,7 +9,10 @@ Weights, optimizer states, losses and parameter updates stay float32 whatever is
 from __future__ import annotations
 
 import hashlib
+import math
 import os
+import sys
+import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field
@@ -143,8 +146,38 @@ def generator(seed: int, device: torch.device) -> torch.Generator:
     return torch.Generator(device=device).manual_seed(seed)
 
 
+class LineProgress(tqdm):
+    """tqdm for logs: each refresh is one plain line (no carriage-return redraws), at most every
+    ``mininterval`` seconds, plus the final state when the loop ends."""
+
+    _last_line = -math.inf
+    disable: bool
+
+    def display(self, msg: str | None = None, pos: int | None = None, force: bool = False) -> None:
+        now = time.monotonic()
+        if not self.disable and (force or now - self._last_line >= LOG_INTERVAL):
+            self._last_line = now
+            self.fp.write((msg or self.__str__()).strip() + "\n")
+            self.fp.flush()
+
+    def close(self) -> None:
+        if not self.disable:
+            self.display(force=True)
+            self.disable = True  # tqdm's own close would redraw the bar
+        super().close()
+
+
+LOG_INTERVAL = 30.0  # seconds between progress lines when stderr is not a terminal
+
+
 def progress(items: Iterable[T], *, disable: bool = False, **kwargs: Any) -> Any:
     """A tqdm bar over ``items`` on rank 0 only (iterate it; ``set_postfix`` shows values);
-    disabled when MKDT_PROGRESS=0."""
+    disabled when MKDT_PROGRESS=0. When stderr is not a terminal (CI logs, ``mkdt run > log
+    2>&1``) it prints a plain line every LOG_INTERVAL seconds and one at the end instead."""
     enabled = rank_and_world()[0] == 0 and os.environ.get("MKDT_PROGRESS", "1") != "0"
-    return tqdm(items, disable=disable or not enabled, dynamic_ncols=True, **kwargs)
+    if sys.stderr.isatty():
+        return tqdm(items, disable=disable or not enabled, dynamic_ncols=True, **kwargs)
+    kwargs.pop("leave", None)
+    return LineProgress(
+        items, disable=disable or not enabled, mininterval=LOG_INTERVAL, maxinterval=LOG_INTERVAL, **kwargs
+    )
