@@ -14,4 +14,4 @@ options and ``main(args, config)``, which raises :class:`mkdt.errors.MkdtError` 
 - ``theorem``: a Monte Carlo check of the paper's Theorem 4.1, Var(grad SSL) > Var(grad SL).
 """
 
-ANALYSES = ("trajectories", "replay", "theorem")
+ANALYSES = ("trajectories", "replay", "variance", "theorem")
