@@ -90,10 +90,8 @@ def test_table_without_header_and_unknown_method_last():
 
 
 def test_mkdt_margins_name_the_baselines_mkdt_does_not_beat():
-    records = [
-        report.make_record(m, "c10", 0.01, [0, 1], accs)
-        for m, accs in (("no_pretrain", [30, 32]), ("random", [28, 28]), ("mkdt", [31, 31]), ("full", [40, 40]))
-    ]
+    runs = (("no_pretrain", [30, 32]), ("random", [28, 28]), ("mkdt", [31, 31]), ("full", [40, 40]))
+    records = [report.make_record(m, "c10", 0.01, [0, 1], accs) for m, accs in runs]
     text = report.mkdt_margins(records)
     assert "c10 1% labels: no pre-training +0.00, random subset +3.00" in text
     assert "full data" not in text.splitlines()[0]

@@ -3,7 +3,7 @@
 mkdt STAGE [--preset NAME] [--config FILE] [--out DIR] [--force] [key=value ...]
     STAGE: teacher, targets, experts, init, distill, evaluate, run (all stages in order)
 mkdt analyze NAME [--preset NAME] [--out RUN] [options] [key=value ...]
-    NAME: trajectories, replay, variance, theorem (see `mkdt analyze --help`)
+    NAME: trajectories, replay, variance, mtt, theorem (see `mkdt analyze --help`)
 mkdt config  [--preset NAME] [--config FILE] [key=value ...]   print the resolved config
 mkdt presets                                                   list the presets
 mkdt datasets                                                  list the registered datasets
@@ -72,7 +72,7 @@ def _analysis(name: str) -> ModuleType:
 
 def _add_analyses(sub: Any) -> None:
     """``mkdt analyze NAME``: one sub-subcommand per module of :mod:`mkdt.analysis`."""
-    text = "analyses of a run: trajectories, replay, variance, theorem (writes RUN/analysis/)"
+    text = "analyses of a run: trajectories, replay, variance, mtt, theorem (writes RUN/analysis/)"
     analyze = sub.add_parser("analyze", help=text, description=text)
     names = analyze.add_subparsers(dest="analysis", required=True, metavar="NAME")
     for name in ANALYSES:

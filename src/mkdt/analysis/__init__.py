@@ -11,7 +11,9 @@ options and ``main(args, config)``, which raises :class:`mkdt.errors.MkdtError` 
   does, probed and compared with the experts at the window's end;
 - ``variance``: variance of the weights across runs that differ only in batch order, for SSL,
   supervised learning and KD (the paper's Fig. 1a);
+- ``mtt``: naive trajectory matching of Barlow Twins (MTT-SSL) and supervised (MTT-SL) experts
+  next to MKDT: matching loss and pixel change per iteration (the paper's Fig. 1b/c);
 - ``theorem``: a Monte Carlo check of the paper's Theorem 4.1, Var(grad SSL) > Var(grad SL).
 """
 
-ANALYSES = ("trajectories", "replay", "variance", "theorem")
+ANALYSES = ("trajectories", "replay", "variance", "mtt", "theorem")
