@@ -191,7 +191,7 @@ def test_missing_stages_and_missing_set_raise_artifact_errors(run, tmp_path):
     (partial / "init" / "stage.json").unlink()
     with pytest.raises(ArtifactError, match="no finished init"):
         mtt.main(parse(out=partial), config)
-    with pytest.raises(ArtifactError, match="run `mkdt analyze mtt` first"):
+    with pytest.raises(ArtifactError, match="run `mkdt analyze mtt --out .*` first"):
         mtt.load_mtt_ssl(RunDir(partial))
 
 

@@ -178,6 +178,30 @@ def test_lr_matched_controls_pretrain_the_same_images_at_mkdts_learned_step_size
     assert "random subset @ MKDT's lr" in (out / "results.md").read_text()
 
 
+def test_mtt_ssl_is_evaluated_from_the_analysis_set_and_refused_without_it(evaluated, tmp_path):
+    config, run, _, _ = evaluated
+    out = _copy_run(run, tmp_path / "copy")
+    other = _config(config.data.cache_dir, "evaluate.methods=[mtt_ssl]", "evaluate.seeds=1")
+    with pytest.raises(ArtifactError, match="run `mkdt analyze mtt --out"):
+        evaluate.run(other, out)
+    copy = RunDir(out)
+    copy.mtt_ssl_path.parent.mkdir(parents=True)
+    shutil.copy(copy.synthetic_path, copy.mtt_ssl_path)  # any set in the distill format
+    seen = {}
+    real = evaluate.pretrain
+
+    def spy(config, method, seed, pset, *args):
+        seen[method] = pset
+        return real(config, method, seed, pset, *args)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(evaluate, "pretrain", spy)
+        results = evaluate.run(other, out)["result"]["results"]
+    assert torch.equal(seen["mtt_ssl"].images, run.load_synthetic().images)
+    assert [r["method"] for r in results] == ["mtt_ssl", "mtt_ssl"]
+    assert "| 10% | MTT-SSL |" in (out / "results.md").read_text()
+
+
 def test_partial_of_another_config_is_ignored_and_name_root_tasks_load(evaluated, tmp_path):
     config, run, record, _ = evaluated
     out = _copy_run(run, tmp_path / "copy")

@@ -278,7 +278,7 @@ def test_repair_redoes_only_the_damaged_expert_and_keeps_later_stages(finished, 
     assert (run / "experts/expert_0000.safetensors").stat().st_mtime_ns == kept  # not retrained
     after = _snapshot(run)
     changed = {k for k in before if before[k] != after.get(k)}
-    assert changed <= {"experts/stage.json", "manifest.json", "config.yaml"}  # the same bits again
+    assert changed <= {"experts/stage.json", "manifest.json", "config.yaml", "log.txt"}  # the same bits again
     assert (run / "distill/stage.json").is_file()  # later stages stay valid
     assert main(["run", "--out", str(run), *_args(finished)]) == 0  # everything finished and intact
 

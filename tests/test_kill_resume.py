@@ -17,7 +17,8 @@ import pytest
 from tests.helpers import TINY
 
 ARGS = [*TINY, "teacher.probe=false", "evaluate.seeds=1"]
-VOLATILE = {"stage.json", "manifest.json", "checkpoint.pt", "partial.json"}  # hold timestamps or timings
+# files that hold timestamps, timings or a log of the attempts
+VOLATILE = {"stage.json", "manifest.json", "checkpoint.pt", "partial.json", "log.txt"}
 
 
 def _command(out: Path, cache: Path) -> list[str]:

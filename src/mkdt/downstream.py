@@ -100,7 +100,7 @@ def pretrain(
         desc=f"pre-train {method} (seed {seed})",
         runtime=runtime,
         lr_key="evaluate.lr"
-        if method == "full" or method in INIT_METHODS
+        if method in ("full", "mtt_ssl") or method in INIT_METHODS
         else f"distill.lr_lr ({method} pre-trains at MKDT's learned alpha_syn)",
     )
     return student, trajectory.loss.tolist()

@@ -23,10 +23,12 @@ METHOD_NAMES = {
     "random@alpha": "random subset @ MKDT's lr",
     "high_loss@alpha": "high-loss subset @ MKDT's lr",
     "mkdt": "MKDT",
+    "mtt_ssl": "MTT-SSL",
     "full": "full data",
 }
 EVAL_METHODS = ("no_pretrain", "random", "high_loss", "full", "random@alpha", "high_loss@alpha", "mkdt")
 """What the evaluate stage runs; ``X@alpha`` is subset X pre-trained at MKDT's learned alpha_syn."""
+OPTIONAL_METHODS = ("mtt_ssl",)  # accepted by evaluate.methods, not run by default
 AT_ALPHA = "@alpha"
 LR_MATCHED = ("random@alpha", "high_loss@alpha")  # the lr-matched controls
 MISSING = "–"

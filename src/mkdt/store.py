@@ -406,6 +406,23 @@ class RunDir:
         tensors = load_tensors(self.synthetic_path)[0]
         return SyntheticSet(tensors["images"], tensors["targets"], float(tensors["lr"]))
 
+    @property
+    def mtt_ssl_path(self) -> Path:
+        """``analysis/mtt/mtt_ssl.safetensors``: the MTT-SSL set of ``mkdt analyze mtt`` (the
+        distill stage's format), evaluated as the ``mtt_ssl`` method."""
+        return self.path / "analysis" / "mtt" / "mtt_ssl.safetensors"
+
+    def load_mtt_ssl(self) -> SyntheticSet:
+        """The MTT-SSL set (images normalised like D_real, teacher targets, its KD lr); ArtifactError
+        naming the command that makes it when absent."""
+        if not self.mtt_ssl_path.is_file():
+            raise ArtifactError(
+                f"no MTT-SSL set in {self.path} ({self.mtt_ssl_path} is missing); run "
+                f"`mkdt analyze mtt --out {self.path}` first"
+            )
+        tensors = load_tensors(self.mtt_ssl_path)[0]
+        return SyntheticSet(tensors["images"], tensors["targets"], float(tensors["lr"]))
+
     def save_grid(
         self, images: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...], max_images: int = 400
     ) -> None:

@@ -803,8 +803,8 @@ def expert_trajectories(
 
 
 def mtt_ssl_path(store: RunDir) -> Path:
-    """``RUN/analysis/mtt/mtt_ssl.safetensors``."""
-    return store.path / "analysis" / "mtt" / SET_FILE
+    """``RUN/analysis/mtt/mtt_ssl.safetensors`` (:attr:`RunDir.mtt_ssl_path`)."""
+    return store.mtt_ssl_path
 
 
 def save_mtt_ssl(
@@ -824,15 +824,8 @@ def save_mtt_ssl(
 
 
 def load_mtt_ssl(store: RunDir) -> SyntheticSet:
-    """The MTT-SSL distilled set of a run (images normalised like D_real, the teacher targets of
-    the init images, the KD pre-training lr ``evaluate.lr``); ArtifactError when absent."""
-    path = mtt_ssl_path(store)
-    if not path.is_file():
-        raise ArtifactError(
-            f"no MTT-SSL set in {store.path} ({path} is missing); run `mkdt analyze mtt` first"
-        )
-    tensors = load_tensors(path)[0]
-    return SyntheticSet(tensors["images"], tensors["targets"], float(tensors["lr"]))
+    """The MTT-SSL distilled set of a run (:meth:`RunDir.load_mtt_ssl`)."""
+    return store.load_mtt_ssl()
 
 
 # ---------------------------------------------------------------- report

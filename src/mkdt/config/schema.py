@@ -22,7 +22,7 @@ from mkdt.data.registry import dataset_names
 from mkdt.errors import ConfigError
 from mkdt.nn.models import MODEL_NAMES
 from mkdt.nn.ssl import SSL_METHODS
-from mkdt.report import EVAL_METHODS
+from mkdt.report import EVAL_METHODS, OPTIONAL_METHODS
 from mkdt.runtime import PRECISIONS
 from mkdt.store import INIT_METHODS
 from mkdt.train.matching import BACKENDS
@@ -331,7 +331,12 @@ class DistillConfig:
 class EvaluateConfig:
     """Stage 6: pre-training on each set and linear probes."""
 
-    methods: list[str] = opt(list(EVAL_METHODS), "pre-training sets to compare: " + ", ".join(EVAL_METHODS))
+    methods: list[str] = opt(
+        list(EVAL_METHODS),
+        "pre-training sets to compare: "
+        + ", ".join(EVAL_METHODS + OPTIONAL_METHODS)
+        + " (mtt_ssl: the set of `mkdt analyze mtt`, not run by default)",
+    )
     tasks: list[str] | None = opt(
         None,
         "downstream tasks as dataset names, or name=root for data "
@@ -353,11 +358,11 @@ class EvaluateConfig:
 
     def validate(self) -> None:
         """Raise ConfigError naming the first bad key of this section."""
-        bad = sorted(set(self.methods) - set(EVAL_METHODS))
+        bad = sorted(set(self.methods) - set(EVAL_METHODS + OPTIONAL_METHODS))
         check(
             bool(self.methods) and not bad,
             "evaluate.methods",
-            f"{bad or 'empty'}: choose from {', '.join(EVAL_METHODS)}",
+            f"{bad or 'empty'}: choose from {', '.join(EVAL_METHODS + OPTIONAL_METHODS)}",
         )
         check(
             bool(self.label_fractions) and all(0 < f <= 1 for f in self.label_fractions),

@@ -8,6 +8,8 @@ Pre-training sets (``evaluate.methods``):
 - ``full``: all of D_real with all targets;
 - ``mkdt``: the distilled set (its images are already normalised) with its learned alpha_syn as
   learning rate (real sets use ``evaluate.lr``);
+- ``mtt_ssl`` (only when listed): the MTT-SSL set written by ``mkdt analyze mtt``, at its own lr
+  (``evaluate.lr``); rerun this stage with ``--force`` after rerunning that analysis;
 - ``random@alpha`` / ``high_loss@alpha``: the lr-matched controls, the same real subsets
   pre-trained at MKDT's learned alpha_syn. MKDT's lead over them is what the distilled pixels
   carry; its lead over ``random`` and ``high_loss`` mixes that with the larger step size.
@@ -64,6 +66,8 @@ def pretraining_sets(
             sets[method] = None
         elif method == "mkdt":
             sets[method] = synthetic
+        elif method == "mtt_ssl":
+            sets[method] = store.load_mtt_ssl()
         elif method == "full":
             sets[method] = SyntheticSet(real.inputs, z, lr)
         else:
