@@ -141,7 +141,7 @@ def test_cli_analyze_prints_the_table_and_refuses_bad_input(run, capsys):
 
 def test_analyses_need_their_stages(tmp_path):
     config = tiny_config(tmp_path / "cache", *SMALL)
-    with pytest.raises(ArtifactError, match="run `mkdt experts` first"):
+    with pytest.raises(ArtifactError, match="run `mkdt experts --out "):
         trajectories.analyse(config, tmp_path / "empty")
-    with pytest.raises(ArtifactError, match="run `mkdt distill` first"):
+    with pytest.raises(ArtifactError, match="run `mkdt distill --out "):
         replay.replay(config, tmp_path / "empty")

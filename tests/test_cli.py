@@ -71,3 +71,20 @@ def test_overrides_may_surround_options(capsys, tmp_path):
     assert "seed: 3" in text and "epochs: 7" in text and "lr: 0.05" in text and "device: cpu" in text
     with pytest.raises(SystemExit):
         main(["config", "--no-such-flag"])
+
+
+def test_log_progress_prints_each_state_once_as_a_plain_line():
+    import io
+
+    from mkdt.runtime import LOG_INTERVAL, LineProgress
+
+    out = io.StringIO()
+    bar = LineProgress(total=4, desc="work", file=out, mininterval=LOG_INTERVAL, maxinterval=LOG_INTERVAL)
+    bar.update(2)
+    bar.display(force=True)
+    bar.display(force=True)  # a refresh with nothing new: skipped
+    bar.update(2)
+    bar.close()
+    lines = out.getvalue().splitlines()
+    assert "\r" not in out.getvalue()
+    assert [line.split("|")[0].strip() for line in lines] == ["work:   0%", "work:  50%", "work: 100%"]

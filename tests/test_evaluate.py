@@ -91,6 +91,19 @@ def _spy_on_label_subsets(mp):
     return drawn
 
 
+def _spy_on_pretrain(mp):
+    """{(method, seed): the pre-training set} for every pre-training the evaluate stage runs."""
+    seen = {}
+    real = evaluate.pretrain
+
+    def spy(config, method, seed, pset, *args):
+        seen[method, seed] = pset
+        return real(config, method, seed, pset, *args)
+
+    mp.setattr(evaluate, "pretrain", spy)
+    return seen
+
+
 def test_results_schema_files_and_table(evaluated):
     config, run, record, _ = evaluated
     results = json.loads((run.path / "results.json").read_text())
@@ -135,14 +148,7 @@ def test_rerun_reuses_finished_pretraining_and_recomputes_identically(evaluated,
     del partial["runs"]["full/1"], partial["runs"]["mkdt/0"]
     partial_path.write_text(json.dumps(partial))
     run.invalidate(["evaluate"])
-    calls = []
-    real = evaluate.pretrain
-
-    def counting(config, method, seed, *args):
-        calls.append((method, seed))
-        return real(config, method, seed, *args)
-
-    monkeypatch.setattr(evaluate, "pretrain", counting)
+    calls = _spy_on_pretrain(monkeypatch)
     again = evaluate.run(config, run.path)
     assert sorted(calls) == [("full", 1), ("mkdt", 0)]
     assert again["result"]["results"] == record["result"]["results"]
@@ -155,25 +161,18 @@ def test_lr_matched_controls_pretrain_the_same_images_at_mkdts_learned_step_size
     other = _config(
         config.data.cache_dir, "evaluate.methods=[random, random@alpha, high_loss@alpha]", "evaluate.seeds=1"
     )
-    seen = {}
-    real = evaluate.pretrain
-
-    def spy(config, method, seed, pset, *args):
-        seen[method] = pset
-        return real(config, method, seed, pset, *args)
-
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(evaluate, "pretrain", spy)
+        seen = _spy_on_pretrain(mp)
         results = evaluate.run(other, out)["result"]["results"]
     alpha = run.load_synthetic().lr
     assert alpha != pytest.approx(config.evaluate.lr)
     assert (
-        seen["random"].lr == config.evaluate.lr
-        and seen["random@alpha"].lr == alpha == seen["high_loss@alpha"].lr
+        seen["random", 0].lr == config.evaluate.lr
+        and seen["random@alpha", 0].lr == alpha == seen["high_loss@alpha", 0].lr
     )
-    assert torch.equal(seen["random"].images, seen["random@alpha"].images)
-    assert torch.equal(seen["random"].targets, seen["random@alpha"].targets)
-    assert not torch.equal(seen["random@alpha"].images, seen["high_loss@alpha"].images)
+    assert torch.equal(seen["random", 0].images, seen["random@alpha", 0].images)
+    assert torch.equal(seen["random", 0].targets, seen["random@alpha", 0].targets)
+    assert not torch.equal(seen["random@alpha", 0].images, seen["high_loss@alpha", 0].images)
     assert {r["method"] for r in results} == {"random", "random@alpha", "high_loss@alpha"}
     assert "random subset @ MKDT's lr" in (out / "results.md").read_text()
 
@@ -187,17 +186,10 @@ def test_mtt_ssl_is_evaluated_from_the_analysis_set_and_refused_without_it(evalu
     copy = RunDir(out)
     copy.mtt_ssl_path.parent.mkdir(parents=True)
     shutil.copy(copy.synthetic_path, copy.mtt_ssl_path)  # any set in the distill format
-    seen = {}
-    real = evaluate.pretrain
-
-    def spy(config, method, seed, pset, *args):
-        seen[method] = pset
-        return real(config, method, seed, pset, *args)
-
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(evaluate, "pretrain", spy)
+        seen = _spy_on_pretrain(mp)
         results = evaluate.run(other, out)["result"]["results"]
-    assert torch.equal(seen["mtt_ssl"].images, run.load_synthetic().images)
+    assert torch.equal(seen["mtt_ssl", 0].images, run.load_synthetic().images)
     assert [r["method"] for r in results] == ["mtt_ssl", "mtt_ssl"]
     assert "| 10% | MTT-SSL |" in (out / "results.md").read_text()
 

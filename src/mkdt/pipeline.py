@@ -15,7 +15,7 @@ from mkdt.config import Config, config_to_dict, dump_config
 from mkdt.data.real import RealData, load_real
 from mkdt.downstream import window_of, window_summary
 from mkdt.errors import ArtifactError
-from mkdt.files import fingerprint, logged_to, read_json, write_json, write_text
+from mkdt.files import fingerprint, logged_to, read_json, write_text
 from mkdt.graph import STAGES, defining, later_stages
 from mkdt.runtime import Runtime
 from mkdt.stages import distill, evaluate, experts, init, targets, teacher
@@ -52,9 +52,15 @@ def check_window(config: Config, store: RunDir, real: RealData, runtime: Runtime
             "(distill.check_window)"
         )
         record = analyse(
-            config, store.path, experts, [0, window.end_epoch], real=real, runtime=runtime, name="window"
+            config,
+            store.path,
+            experts,
+            [0, window.end_epoch],
+            real=real,
+            runtime=runtime,
+            name="window",
+            extra={"definition": definition},
         )
-        write_json(path, {**record, "definition": definition})
     print(f"window check: {record['verdict']}")
     share = record["window_share"]
     if share >= LOW_SHARE:

@@ -148,17 +148,21 @@ def generator(seed: int, device: torch.device) -> torch.Generator:
 
 class LineProgress(tqdm):
     """tqdm for logs: each refresh is one plain line (no carriage-return redraws), at most every
-    ``mininterval`` seconds, plus the final state when the loop ends."""
+    ``mininterval`` seconds, plus the final state when the loop ends; a refresh with no new
+    count and no new postfix (tqdm's periodic redraw of a stalled bar) prints nothing."""
 
     _last_line = -math.inf
+    _last_state: tuple[float, str | None] | None = None
     disable: bool
 
     def display(self, msg: str | None = None, pos: int | None = None, force: bool = False) -> None:
         now = time.monotonic()
-        if not self.disable and (force or now - self._last_line >= LOG_INTERVAL):
-            self._last_line = now
-            self.fp.write((msg or self.__str__()).strip() + "\n")
-            self.fp.flush()
+        state = (self.n, self.postfix)
+        if self.disable or state == self._last_state or not (force or now - self._last_line >= LOG_INTERVAL):
+            return
+        self._last_line, self._last_state = now, state
+        self.fp.write((msg or self.__str__()).strip() + "\n")
+        self.fp.flush()
 
     def close(self) -> None:
         if not self.disable:

@@ -101,8 +101,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mkdt.analysis.common import open_run
 from mkdt.config import Config
-from mkdt.data.real import RealData, load_real
+from mkdt.data.real import RealData
 from mkdt.errors import ArtifactError, ConfigError, TrainingDiverged
 from mkdt.files import (
     atomic_path,
@@ -113,7 +114,7 @@ from mkdt.files import (
     write_json,
     write_text,
 )
-from mkdt.graph import STAGES, defining
+from mkdt.graph import defining
 from mkdt.nn.losses import KDLoss, matching_distance
 from mkdt.nn.models import build_network, feature_dim, features_of, flatten_params, unflatten_params
 from mkdt.nn.ssl import BarlowTwinsLoss, barlow_twins_projector
@@ -940,12 +941,6 @@ def plot(record: dict[str, Any], path: Path) -> None:
 # ---------------------------------------------------------------- main
 
 
-def _require_stages(config: Config, store: RunDir, preset: str | None) -> None:
-    for stage in ("teacher", "targets", "experts", "init"):
-        command = f"{STAGES[stage].command}{f' --preset {preset}' if preset else ''} --out {store.path}"
-        store.require(stage, defining(config, stage), command)
-
-
 def analyse(
     config: Config,
     out: str | Path,
@@ -956,14 +951,11 @@ def analyse(
 ) -> dict[str, Any]:
     """Check the run, train (or reuse) the experts, run the distillations, write
     ``RUN/analysis/mtt.{json,md,png}`` and ``RUN/analysis/mtt/``; returns the record."""
-    store = RunDir(out)
-    _require_stages(config, store, preset)
-    rt = runtime or Runtime.create(config.device, config.precision, config.channels_last, config.compile)
-    real = load_real(config.data, config.seed, rt.device)
+    run = open_run(config, out, ["teacher", "targets", "experts", "init"], preset=preset, runtime=runtime)
+    store, rt, real, z = run.store, run.runtime, run.real, run.targets
     check_against_run(options, config, real.num_train)
     data, dev, d = real.data, rt.device, config.distill
     indices = store.load_indices(config.init.images)[d.init].to(dev)
-    z = store.load_targets(real.num_train).to(dev)
     init_images, init_targets = real.inputs[indices], z[indices]
     init_labels = data.train_labels.to(dev)[indices]
     augment = DiffAugment(data.mean, data.std)

@@ -24,17 +24,15 @@ from typing import Any
 
 from torch.nn.utils import vector_to_parameters
 
-from mkdt.analysis.trajectories import int_list
+from mkdt.analysis.common import int_list, open_run
 from mkdt.config import Config
-from mkdt.data.real import load_real
-from mkdt.downstream import load_task, probe, student_model, task_names
+from mkdt.downstream import probe, student_model
 from mkdt.errors import ConfigError
 from mkdt.files import fingerprint, write_json, write_text
-from mkdt.graph import STAGES, defining
+from mkdt.graph import defining
 from mkdt.nn.losses import matching_distance
 from mkdt.nn.models import build_network
 from mkdt.runtime import Runtime, derive_seed, generator, progress
-from mkdt.store import RunDir
 from mkdt.train.matching import inner_steps, sample_batches
 
 SUMMARY = "train the experts' inits on the distilled set as the inner loop does; probe against the target"
@@ -46,17 +44,13 @@ def replay(
     config: Config, out: str | Path, experts: list[int] | None = None, *, runtime: Runtime | None = None
 ) -> dict[str, Any]:
     """Replay ``experts`` (default: the first 3) and write ``OUT/analysis/replay.{md,json}``."""
-    store = RunDir(out)
-    store.require("distill", defining(config, "distill"), STAGES["distill"].command)
     experts = list(range(min(3, config.experts.num_experts))) if experts is None else experts
     if bad := [k for k in experts if not 0 <= k < config.experts.num_experts]:
         raise ConfigError(f"--experts: {bad} outside [0, {config.experts.num_experts}) (experts.num_experts)")
-    rt = runtime or Runtime.create(config.device, config.precision, config.channels_last, config.compile)
-    real = load_real(config.data, config.seed, rt.device)
-    tasks = {entry: load_task(config, entry, real.data) for entry in task_names(config)}
+    run = open_run(config, out, ["distill"], runtime=runtime)
+    store, rt, real, tasks, z = run.store, run.runtime, run.real, run.tasks, run.targets
     d = config.distill
     syn = store.load_synthetic()
-    z = store.load_targets(real.num_train).to(rt.device)
     idx = store.load_indices(config.init.images)[d.init].to(rt.device)
     sets = {
         "init set": (real.inputs[idx], z[idx]),

@@ -416,32 +416,36 @@ def _markdown(points: Sequence[dict[str, Any]], settings: dict[str, Any], table:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``mkdt analyze theorem``."""
-    parser.add_argument(
-        "--dims",
-        type=int,
-        nargs="+",
-        default=list(DEFAULT_DIMS),
-        metavar="D",
-        help=f"dimensions d >= 2 (default: {' '.join(map(str, DEFAULT_DIMS))})",
+    grid = (
+        ("--dims", "dims", int, DEFAULT_DIMS, "D", "dimensions d >= 2"),
+        (
+            "--noise",
+            "noise",
+            float,
+            DEFAULT_NOISE,
+            "SIGMA_N",
+            "noise levels sigma_N > 0, the variance of each coordinate of eps ~ N(0, sigma_N I)",
+        ),
+        (
+            "--batch-size",
+            "batch_sizes",
+            int,
+            DEFAULT_BATCH_SIZES,
+            "B",
+            "mini-batch sizes b >= 1 (2 in the theorem)",
+        ),
     )
-    parser.add_argument(
-        "--noise",
-        type=float,
-        nargs="+",
-        default=list(DEFAULT_NOISE),
-        metavar="SIGMA_N",
-        help="noise levels sigma_N > 0, the variance of each coordinate of eps ~ N(0, sigma_N I) "
-        f"(default: {' '.join(map(str, DEFAULT_NOISE))})",
-    )
-    parser.add_argument(
-        "--batch-size",
-        dest="batch_sizes",
-        type=int,
-        nargs="+",
-        default=list(DEFAULT_BATCH_SIZES),
-        metavar="B",
-        help="mini-batch sizes b >= 1 (default: 2, as in the theorem)",
-    )
+    for flag, dest, kind, default, metavar, text in grid:
+        shown = " ".join(map(str, default))
+        parser.add_argument(
+            flag,
+            dest=dest,
+            type=kind,
+            nargs="+",
+            default=list(default),
+            metavar=metavar,
+            help=f"{text} (default: {shown})",
+        )
     parser.add_argument(
         "--samples",
         type=int,

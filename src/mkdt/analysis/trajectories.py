@@ -29,15 +29,16 @@ from typing import Any
 
 from torch.nn.utils import vector_to_parameters
 
+from mkdt.analysis.common import RunSetting, int_list, open_run
 from mkdt.config import Config
-from mkdt.data.real import RealData, load_real
-from mkdt.downstream import Window, load_task, pretrain, probe, student_model, task_names, window_of
+from mkdt.data.real import RealData
+from mkdt.downstream import Window, pretrain, probe, student_model, window_of
 from mkdt.errors import ConfigError
 from mkdt.files import atomic_path, fingerprint, read_json, write_json, write_text
-from mkdt.graph import STAGES, defining
+from mkdt.graph import defining
 from mkdt.nn.models import build_network
 from mkdt.runtime import Runtime, progress
-from mkdt.store import RunDir, SyntheticSet
+from mkdt.store import SyntheticSet
 
 SUMMARY = "probe the experts along their trajectories; how much of the full-data gain the window holds"
 NEEDS_RUN = True
@@ -48,11 +49,10 @@ def _mean(values: list[float]) -> float:
     return statistics.fmean(values) if values else float("nan")
 
 
-def full_reference(
-    config: Config, store: RunDir, real: RealData, runtime: Runtime, tasks: dict[str, Any]
-) -> tuple[dict[tuple[str, float], float], str]:
+def full_reference(run: RunSetting) -> tuple[dict[tuple[str, float], float], str]:
     """acc(full) per (task, fraction): the evaluate stage's mean when it has the ``full`` method,
     else a pre-training of evaluation seed 0 here; returns it with a note saying which."""
+    config, store, real = run.config, run.store, run.real
     results = store.path / "results.json"
     if results.is_file() and store.record("evaluate") is not None:
         acc = {
@@ -62,34 +62,26 @@ def full_reference(
         }
         if acc:
             return acc, f"mean of the evaluate stage's {config.evaluate.seeds} full seed(s)"
-    z = store.load_targets(real.num_train).to(runtime.device)
-    pset = SyntheticSet(real.inputs, z, config.evaluate.lr)
-    student, _ = pretrain(config, "full", 0, pset, real.data, z.shape[1], runtime)
-    probes = probe(config, student, tasks, 0, real.data, runtime.device)
+    pset = SyntheticSet(real.inputs, run.targets, config.evaluate.lr)
+    student, _ = pretrain(config, "full", 0, pset, real.data, run.targets.shape[1], run.runtime)
+    probes = probe(config, student, run.tasks, 0, real.data, run.runtime.device)
     return {(p["task"], p["label_fraction"]): p["accuracy"] for p in probes}, "evaluation seed 0"
 
 
-def probe_experts(
-    config: Config,
-    store: RunDir,
-    real: RealData,
-    runtime: Runtime,
-    tasks: dict[str, Any],
-    experts: list[int],
-    epochs: list[int],
-) -> list[dict[str, Any]]:
+def probe_experts(run: RunSetting, experts: list[int], epochs: list[int]) -> list[dict[str, Any]]:
     """[{"expert", "epoch", "task", "label_fraction", "accuracy"}] for every chosen expert and
     epoch, each expert probed with label seed k."""
+    config, real, device = run.config, run.real, run.runtime.device
     fp = fingerprint(defining(config, "experts"))
-    out_dim = store.load_targets(real.num_train).shape[1]
+    out_dim = run.targets.shape[1]
     student = build_network(student_model(config), real.data.channels, real.data.image_size, out_dim)
-    student = student.to(runtime.device)
+    student = student.to(device)
     rows = []
     pairs = [(k, e) for k in experts for e in epochs]
-    trajectories = {k: store.load_expert(k, fp, epochs) for k in experts}
+    trajectories = {k: run.store.load_expert(k, fp, epochs) for k in experts}
     for k, e in progress(pairs, desc="probe experts", unit="probe"):
-        vector_to_parameters(trajectories[k].at(e).to(runtime.device), student.parameters())
-        for p in probe(config, student, tasks, k, real.data, runtime.device):
+        vector_to_parameters(trajectories[k].at(e).to(device), student.parameters())
+        for p in probe(config, student, run.tasks, k, real.data, device):
             rows.append(
                 {"expert": k, "epoch": e, **{key: p[key] for key in ("task", "label_fraction", "accuracy")}}
             )
@@ -237,12 +229,11 @@ def analyse(
     real: RealData | None = None,
     runtime: Runtime | None = None,
     name: str = "trajectories",
+    extra: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Probe ``experts`` (default: the first 3) at ``epochs`` (default: every saved epoch), compare
-    with the full-data endpoint, write ``OUT/analysis/NAME.{md,json,png}``; returns the summary
-    with its ``verdict``."""
-    store = RunDir(out)
-    store.require("experts", defining(config, "experts"), STAGES["experts"].command)
+    with the full-data endpoint, write ``OUT/analysis/NAME.{md,json,png}`` (``extra`` added to
+    the JSON record); returns the record, with the summary's ``verdict``."""
     saved = config.expert_save_epochs()
     experts = list(range(min(3, config.experts.num_experts))) if experts is None else experts
     epochs = saved if epochs is None else sorted(set(epochs) | {0})
@@ -250,16 +241,14 @@ def analyse(
         raise ConfigError(f"--experts: {bad} outside [0, {config.experts.num_experts}) (experts.num_experts)")
     if bad := [e for e in epochs if e not in saved]:
         raise ConfigError(f"--epochs: {bad} were not saved (saved: {saved}; experts.save_epochs)")
-    runtime = runtime or Runtime.create(config.device, config.precision, config.channels_last, config.compile)
-    real = real or load_real(config.data, config.seed, runtime.device)
-    tasks = {entry: load_task(config, entry, real.data) for entry in task_names(config)}
-    window = window_of(config, real.num_train)
-    rows = probe_experts(config, store, real, runtime, tasks, experts, epochs)
-    full, full_note = full_reference(config, store, real, runtime, tasks)
+    run = open_run(config, out, ["experts"], real=real, runtime=runtime)
+    window = window_of(config, run.real.num_train)
+    rows = probe_experts(run, experts, epochs)
+    full, full_note = full_reference(run)
     summary = summarise(rows, full, window)
     summary["verdict"] = verdict(summary, window)
     text = table(summary, window, full_note) + "\n" + summary["verdict"] + "\n"
-    folder = store.path / "analysis"
+    folder = run.store.path / "analysis"
     record = {
         "experts": experts,
         "epochs": epochs,
@@ -268,6 +257,7 @@ def analyse(
         "full": full_note,
         "probes": rows,
         **summary,
+        **(extra or {}),
     }
     write_json(folder / f"{name}.json", record)
     write_text(folder / f"{name}.md", text)
@@ -280,14 +270,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--epochs", type=int_list, help="saved epochs to probe (default: all saved; 0 always)"
     )
-
-
-def int_list(text: str) -> list[int]:
-    """``"0,2,4"`` -> [0, 2, 4] (an argparse type)."""
-    try:
-        return [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
 
 
 def main(args: argparse.Namespace, config: Config) -> None:

@@ -76,17 +76,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mkdt.analysis.common import open_run
 from mkdt.config import Config
-from mkdt.data.real import RealData, load_real
+from mkdt.data.real import RealData
 from mkdt.errors import ConfigError, TrainingDiverged
 from mkdt.files import atomic_path, write_json, write_text
-from mkdt.graph import STAGES, defining
 from mkdt.nn.augment import SSLAugment
 from mkdt.nn.losses import KDLoss
 from mkdt.nn.models import build_network, feature_dim, features_of
 from mkdt.nn.ssl import BarlowTwinsLoss, barlow_twins_projector
 from mkdt.runtime import Runtime, derive_seed, generator, progress, seeded
-from mkdt.store import RunDir
 from mkdt.train.ssl import ssl_step
 
 SUMMARY = (
@@ -609,15 +608,10 @@ def main(args: argparse.Namespace, config: Config) -> None:
     and the plot to ``RUN/analysis/variance.{md,json,png}``."""
     options = parse_options(args)
     recipes, record_at = options.recipes(), options.record_at()
-    store = RunDir(args.out)
-    preset = getattr(args, "preset", None)
-    command = f"{STAGES['targets'].command}{f' --preset {preset}' if preset else ''} --out {store.path}"
-    store.require("targets", defining(config, "targets"), command)
-    runtime = Runtime.create(config.device, config.precision, config.channels_last, config.compile)
-    real = load_real(config.data, config.seed, runtime.device)
+    run = open_run(config, args.out, ["targets"], preset=getattr(args, "preset", None))
+    store, real, runtime = run.store, run.real, run.runtime
     check_sizes(recipes, real.num_train)
-    targets = store.load_targets(real.num_train)
-    problem = build_problem(config, real, targets, runtime)
+    problem = build_problem(config, real, run.targets, run.runtime)
     t0 = time.perf_counter()
     methods = analyse(config, problem, recipes, options.runs, record_at)
     encoder = [name for name, _ in encoder_parameters(problem.student)]
