@@ -229,9 +229,13 @@ def test_registry_names_and_default_cache_dir(monkeypatch, tmp_path):
     assert dataset_names() == [
         "cifar10",
         "cifar100",
+        "cub200",
         "digits",
         "fashion-mnist",
+        "fgvc-aircraft",
+        "flowers102",
         "imagefolder",
+        "stanford-dogs",
         "tinyimagenet",
     ]
     assert all(DATASETS[name].description for name in dataset_names())

@@ -8,7 +8,7 @@ what was expected and how to fix it.
 Modules: `types` (ImageData, Splits, DatasetSpec), `decode` (helpers shared by the formats),
 `cache` (the decode-once cache and default folders), `registry` (DATASETS and load_dataset) and
 `formats` (one module per on-disk format: imagefolder, digits, cifar, tinyimagenet,
-fashion_mnist).
+fashion_mnist, aircraft, cub, dogs, flowers; `listed` holds the helpers of the last four).
 """
 
 from mkdt.data.cache import default_cache_dir

@@ -60,6 +60,12 @@ def _pil_resize(array: np.ndarray, size: int) -> np.ndarray:
     return np.asarray(Image.fromarray(array).resize((size, size), Image.Resampling.BILINEAR))
 
 
+def decode_resized(data: bytes, where: str, size: int) -> np.ndarray:
+    """Image bytes -> (size, size, 3) RGB uint8 array: the whole image resized (squashed, not
+    cropped) with Pillow's antialiased bilinear filter, as mixed-size trees are."""
+    return _pil_resize(decode_image(data, where, "RGB"), size)
+
+
 def _to_tensor(arrays: list[np.ndarray], channels: int, size: tuple[int, int]) -> torch.Tensor:
     """(H, W) or (H, W, 3) arrays stacked into an (N, channels, H, W) uint8 tensor; grayscale
     images are repeated over the channels."""

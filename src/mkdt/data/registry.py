@@ -12,10 +12,15 @@ from pathlib import Path
 
 from mkdt.data.cache import default_cache_dir, load_cached_or_decode, raw_root
 from mkdt.data.decode import reason
+from mkdt.data.formats.aircraft import decode_aircraft, download_aircraft, locate_aircraft
 from mkdt.data.formats.cifar import CIFAR10, CIFAR100, decode_cifar, download_cifar, locate_cifar
+from mkdt.data.formats.cub import decode_cub, locate_cub
 from mkdt.data.formats.digits import decode_digits, locate_nothing
+from mkdt.data.formats.dogs import decode_dogs, locate_dogs
 from mkdt.data.formats.fashion_mnist import decode_fashion, download_fashion, fashion_root, locate_fashion
+from mkdt.data.formats.flowers import decode_flowers, download_flowers, locate_flowers
 from mkdt.data.formats.imagefolder import ARCHIVES, LAYOUT, decode_imagefolder, locate_imagefolder
+from mkdt.data.formats.listed import DECODE_SIZE
 from mkdt.data.formats.tinyimagenet import decode_tinyimagenet, download_tinyimagenet, locate_tinyimagenet
 from mkdt.data.types import DatasetSpec, ImageData
 from mkdt.errors import DataError
@@ -57,6 +62,40 @@ DATASETS: dict[str, DatasetSpec] = {
         fashion_root,
         None,
         download_fashion,
+    ),
+    "fgvc-aircraft": DatasetSpec(
+        "FGVC-Aircraft 2013b: 6,667 (trainval) + 3,333 images, 100 variants; resized to "
+        f"data.resolution ({DECODE_SIZE} if unset)",
+        locate_aircraft,
+        decode_aircraft,
+        partial(raw_root, "fgvc-aircraft"),
+        download=download_aircraft,
+        resolution=DECODE_SIZE,
+    ),
+    "cub200": DatasetSpec(
+        "CUB-200-2011: 5,994 + 5,794 images, 200 bird species (official split); resized to "
+        f"data.resolution ({DECODE_SIZE} if unset)",
+        locate_cub,
+        decode_cub,
+        partial(raw_root, "cub200"),
+        resolution=DECODE_SIZE,
+    ),
+    "stanford-dogs": DatasetSpec(
+        "Stanford Dogs: 12,000 + 8,580 images, 120 breeds (official split); resized to "
+        f"data.resolution ({DECODE_SIZE} if unset)",
+        locate_dogs,
+        decode_dogs,
+        partial(raw_root, "stanford-dogs"),
+        resolution=DECODE_SIZE,
+    ),
+    "flowers102": DatasetSpec(
+        "Oxford Flowers-102: 2,040 (train + val) + 6,149 (test) images, 102 classes; resized to "
+        f"data.resolution ({DECODE_SIZE} if unset)",
+        locate_flowers,
+        decode_flowers,
+        partial(raw_root, "flowers102"),
+        download=download_flowers,
+        resolution=DECODE_SIZE,
     ),
     "imagefolder": DatasetSpec(
         f"any ImageFolder tree or {ARCHIVES} archive (train/ + test/ or val/, else a 10% "
@@ -109,11 +148,14 @@ def load_dataset(
 
     The decoded native-size tensors are cached in <cache_dir>/datasets/ (cache_dir defaults to
     `default_cache_dir()`), keyed by name, source path and the source files' sizes and mtimes.
-    `resolution` resizes both splits to resolution x resolution after loading; `download`
-    fetches missing files where the dataset supports it. Raises DataError for any problem with
-    the data, including non-square images without a resolution.
+    `resolution` resizes both splits to resolution x resolution after loading (datasets of
+    mixed-size images are decoded at it, or at their spec's resolution when it is None, and
+    cached per resolution); `download` fetches missing files where the dataset supports it.
+    Raises DataError for any problem with the data, including non-square images without a
+    resolution.
     """
     name, spec, root_path = _resolve(name, root)
+    resolution = spec.resolution if resolution is None else resolution
     source = _locate(spec, root_path, download)
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     folder = (cache.expanduser() / "datasets").resolve()

@@ -131,7 +131,9 @@ class DatasetSpec:
     locate(root) returns the source to decode (a folder or archive; None when the dataset needs
     no files) or raises DataError; decode(source, resolution) returns its Splits; download(root)
     fetches the files into root. default_root() gives the root when none is passed. stats are
-    published normalisation values (None: computed from the training images).
+    published normalisation values (None: computed from the training images). resolution is the
+    size that `load_dataset` decodes at when it is given none (None: the images' own size), for
+    formats whose images differ in size.
     """
 
     description: str
@@ -140,6 +142,7 @@ class DatasetSpec:
     default_root: Callable[[], Path] | None = None
     stats: Stats | None = None
     download: Callable[[Path], None] | None = None
+    resolution: int | None = None
 
 
 def _class_quotas(counts: list[int], n: int) -> list[int]:
