@@ -3,7 +3,7 @@ import json
 import pytest
 
 from mkdt.cli import main
-from mkdt.config import Config, iter_fields
+from mkdt.config import Config, iter_fields, preset_description, preset_names
 from mkdt.report import EVAL_METHODS
 from tests.helpers import TINY
 
@@ -88,3 +88,14 @@ def test_log_progress_prints_each_state_once_as_a_plain_line():
     lines = out.getvalue().splitlines()
     assert "\r" not in out.getvalue()
     assert [line.split("|")[0].strip() for line in lines] == ["work:   0%", "work:  50%", "work: 100%"]
+
+
+def test_presets_lists_each_name_with_its_description_the_papers_tables_apart(capsys):
+    assert main(["presets"]) == 0
+    out = capsys.readouterr().out
+    settings, tables = out.split("the paper's tables")
+    for name in preset_names():
+        line = next(line for line in out.splitlines() if line.split()[0] == name)
+        assert line.endswith(preset_description(name)) and preset_description(name)
+        assert name in (tables if name.startswith("table") else settings)
+    assert "table5-resnet18" in tables and "cifar10-2pct" in settings

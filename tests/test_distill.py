@@ -267,11 +267,13 @@ def test_the_loop_reads_losses_back_only_when_it_logs_and_keeps_every_one(digits
     expected = [stepped.step().item() for _ in range(7)]
     looped = Distiller(student, x[:40], z[:40], trajs, recipe, torch.Generator().manual_seed(0))
     reads = []
-    real_item = torch.Tensor.item
-    monkeypatch.setattr(torch.Tensor, "item", lambda self: reads.append(1) or real_item(self))
+    for name in ("item", "tolist"):
+        real = getattr(torch.Tensor, name)
+        monkeypatch.setattr(torch.Tensor, name, lambda self, real=real: reads.append(1) or real(self))
     run = distill_loop(looped, PeriodicCheckpoint(None, {}, 100, "distill"))
-    assert run.history == expected  # every iteration's loss, read back in batches
-    assert len(reads) == 4  # alpha_syn read after iterations 1, 3, 6 and 7 only
+    assert run.history.loss == expected  # every iteration's loss, read back in batches
+    assert len(reads) == 4  # one read of the history after iterations 1, 3, 6 and 7 only
+    assert run.history.lr[-1] == looped.lr.item() and len(run.history.experts) == 7
 
 
 def test_divergence_stops_with_a_message_naming_the_options(digits_experts):

@@ -11,14 +11,16 @@ from mkdt import downstream
 from mkdt.config.schema import parse_task
 from mkdt.data import load_dataset
 from mkdt.data.real import load_real
-from mkdt.errors import ArtifactError, ConfigError
+from mkdt.errors import ArtifactError, ConfigError, DataError
 from mkdt.files import read_json
+from mkdt.graph import STAGES
+from mkdt.pipeline import run_stages
 from mkdt.runtime import Runtime
 from mkdt.stages import distill, evaluate, experts, init, targets, teacher
 from mkdt.store import RunDir
 from tests.helpers import real_data, tiny_config
 
-METHODS = ["no_pretrain", "random", "high_loss", "full", "random@alpha", "high_loss@alpha", "mkdt"]
+METHODS = ["no_pretrain", "random", "sas", "high_loss", "full", "random@alpha", "high_loss@alpha", "mkdt"]
 SMALL = [
     "teacher.probe=false",
     "teacher.epochs=2",
@@ -291,3 +293,32 @@ def test_label_subsets(evaluated):
     assert counts.sum() == round(0.05 * 1437) and counts.max() - counts.min() <= 1
     _, all_labels = downstream.labelled_subset(digits, 1.0, False, seed=3)
     assert torch.equal(all_labels.sort().values, digits.train_labels.sort().values)
+
+
+def test_a_missing_task_is_refused_before_any_compute_or_skipped(evaluated, tmp_path, monkeypatch, capsys):
+    config, run, _, _ = evaluated
+    monkeypatch.setenv("MKDT_DATA", str(tmp_path / "data"))  # where cub200 without a root is looked for
+    folder = _image_folder(tmp_path, "L")
+    tasks = f"evaluate.tasks=[digits, cub200, imagefolder={folder}]"
+    refuse = _config(config.data.cache_dir, tasks)
+    with pytest.raises(DataError, match=r"evaluate task 'cub200': CUB-200-2011 not found at .*data/cub200"):
+        run_stages(refuse, tmp_path / "new", list(STAGES))
+    assert not (tmp_path / "new").exists()  # refused before the teacher, nothing written
+    with pytest.raises(DataError, match=r"cub200=ROOT in evaluate.tasks \(evaluate.missing_tasks=skip"):
+        evaluate.run(refuse, _copy_run(run, tmp_path / "refused"))
+    skip = _config(
+        config.data.cache_dir,
+        tasks,
+        "evaluate.missing_tasks=skip",
+        "evaluate.methods=[no_pretrain]",
+        "evaluate.seeds=1",
+    )
+    out = _copy_run(run, tmp_path / "copy")
+    result = run_stages(skip, out, ["evaluate"])["evaluate"]["result"]
+    printed = capsys.readouterr().out
+    assert "evaluate: skipping task 'cub200': CUB-200-2011 not found at " in printed
+    assert "; put it there or give it as cub200=ROOT in evaluate.tasks" in printed
+    assert result["skipped_tasks"] == ["cub200"]
+    assert {r["task"] for r in result["results"]} == {"digits", f"imagefolder={folder}"}
+    note = "Not evaluated (files not found, evaluate.missing_tasks=skip): cub200."
+    assert note in (out / "results.md").read_text()

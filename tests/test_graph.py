@@ -27,6 +27,14 @@ def test_definitions_nest_like_the_config_and_include_what_a_stage_reads():
     assert "backend" not in defining(config, "distill")["distill"]
 
 
+def test_a_later_added_key_at_its_default_keeps_earlier_runs_valid():
+    config = load_config("demo")
+    assert "stem" not in defining(config, "teacher")["teacher"]["model"]  # as before stems existed
+    pad2 = load_config("demo", None, ["teacher.model.stem=cifar-pad2"])
+    assert defining(pad2, "teacher")["teacher"]["model"]["stem"] == "cifar-pad2"
+    assert fingerprint(defining(pad2, "experts")) != fingerprint(defining(config, "experts"))
+
+
 def test_a_distillation_key_does_not_invalidate_trained_experts():
     # regression: the experts' definition used to include the epochs distillation needs, so
     # changing distill.max_start_epoch made finished experts "incompatible"

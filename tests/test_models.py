@@ -3,8 +3,11 @@ import torch
 import torchvision
 from torch.func import functional_call
 
+from mkdt.config import load_config
+from mkdt.errors import ConfigError
 from mkdt.nn.models import (
     MODEL_NAMES,
+    STEMS,
     ConvNet,
     ResNet,
     build_model,
@@ -15,6 +18,8 @@ from mkdt.nn.models import (
     resnet18,
     unflatten_params,
 )
+from mkdt.stages import evaluate, targets, teacher
+from tests.helpers import tiny_config
 
 
 def test_convnet_d3_parameter_count_and_shapes():
@@ -84,6 +89,71 @@ def test_resnet_cifar_stem_keeps_resolution():
     assert stem.shape[-2:] == (32, 32)
     bn = net.layer1[0].bn2
     assert torch.all(bn.weight == 1) and torch.all(bn.bias == 0)
+
+
+@pytest.mark.parametrize(
+    ("stem", "side", "maxpool"), [("cifar", 32, False), ("cifar-pad2", 34, False), ("imagenet", 8, True)]
+)
+def test_resnet_stems(stem, side, maxpool):
+    net = ResNet(layers=(1, 1, 1, 1), width=8, stem=stem)
+    s = STEMS[stem]
+    assert net.conv1.kernel_size == (s.kernel, s.kernel) and net.conv1.padding == (s.padding, s.padding)
+    assert isinstance(net.maxpool, torch.nn.MaxPool2d) == maxpool
+    assert net.maxpool(net.conv1(torch.randn(1, 3, 32, 32))).shape[-2:] == (side, side)
+    assert list(net.state_dict()) == list(ResNet(layers=(1, 1, 1, 1), width=8).state_dict())
+    with pytest.raises(ValueError, match="stem in cifar, cifar-pad2, imagenet"):
+        ResNet(stem="vgg")
+    with pytest.raises(ValueError, match="ConvNet has no stem"):
+        build_model("convnet", in_channels=3, image_size=32, width=8, depth=3, out_dim=None, stem="imagenet")
+
+
+def test_model_config_width_defaults_to_the_arch_and_stem_is_checked():
+    assert load_config("cifar10-cpu", None, ["evaluate.model.arch=resnet10"]).evaluate.model.width == 64
+    assert load_config("demo", None, ["evaluate.model={arch: resnet18}"]).evaluate.model.width == 64
+    assert (
+        load_config("demo", None, ["evaluate.model={arch: resnet18, width: 16}"]).evaluate.model.width == 16
+    )
+    assert load_config("demo", None, ["evaluate.model={arch: convnet}"]).evaluate.model.width == 128
+    assert load_config(None, None, ["teacher.model.stem=imagenet"]).teacher.model.stem == "imagenet"
+    with pytest.raises(
+        ConfigError, match="^invalid config teacher.model.stem: must be cifar, cifar-pad2 or imagenet$"
+    ):
+        load_config(None, None, ["teacher.model.stem=cifar10"])
+    with pytest.raises(ConfigError, match="experts.student.stem: imagenet applies to ResNets only"):
+        load_config(None, None, ["experts.student.stem=imagenet"])
+
+
+def test_resnet10_student_is_pretrained_and_probed_at_the_papers_width(tmp_path, monkeypatch):
+    """Table 5: ``evaluate.model.arch=resnet10`` pre-trains a width-64 ResNet-10 (not the ConvNet's
+    width), end to end through the evaluate stage."""
+    torch.save(resnet18(width=4, in_channels=1).state_dict(), tmp_path / "teacher.pt")  # random teacher
+    config = tiny_config(
+        tmp_path / "cache",
+        "data.pool_size=300",
+        f"teacher.checkpoint={tmp_path / 'teacher.pt'}",
+        "teacher.probe=false",
+        "evaluate.methods=[no_pretrain, full]",
+        "evaluate.model.arch=resnet10",
+        "evaluate.seeds=1",
+        "evaluate.epochs=1",
+        "evaluate.label_fractions=[0.2]",
+    )
+    students = []
+    pretrain = evaluate.pretrain
+    monkeypatch.setattr(evaluate, "pretrain", lambda *a: students.append(pretrain(*a)) or students[-1])
+    for stage in (teacher, targets):
+        stage.run(config, tmp_path / "run")
+    record = evaluate.run(config, tmp_path / "run")
+    assert record["defining"]["evaluate"]["model"] == {
+        "arch": "resnet10",
+        "width": 64,
+        "depth": 3,
+    }  # the default stem is left out of definitions (runs made before stems existed stay valid)
+    (untrained, none), (trained, losses) = students
+    assert none == [] and len(losses) == 1
+    assert isinstance(trained, ResNet) and trained.feature_dim == 8 * 64 and len(trained.layer1) == 1
+    accuracy = {r["method"]: r["mean"] for r in record["result"]["results"]}
+    assert set(accuracy) == {"no_pretrain", "full"} and all(10 < a <= 100 for a in accuracy.values())
 
 
 def test_build_model():

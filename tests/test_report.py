@@ -25,6 +25,7 @@ def test_make_record_schema():
         "accuracies": [40.0, 42.0],
         "mean": 41.0,
         "std": math.sqrt(2),
+        "protocol": "probe",
     }
     with pytest.raises(ValueError, match="2 seeds but 1"):
         make_record("mkdt", "cifar10", 0.01, [0, 1], [40.0])
@@ -99,3 +100,24 @@ def test_mkdt_margins_name_the_baselines_mkdt_does_not_beat():
     records[2] = report.make_record("mkdt", "c10", 0.01, [0, 1], [35, 35])
     assert report.mkdt_margins(records).splitlines()[-1].startswith("MKDT beats every baseline")
     assert report.mkdt_margins(records[:2]) == ""
+
+
+def test_bold_marks_the_best_same_size_method_of_each_column():
+    records = [
+        make_record("random", "a", 0.01, [0], [30.0]),
+        make_record("mkdt", "a", 0.01, [0], [33.0]),
+        make_record("full", "a", 0.01, [0], [40.0]),  # an upper reference, never bold
+        make_record("mkdt", "b", 0.01, [0], [20.0]),
+        make_record("random", "b", 0.01, [0], [20.0]),  # a tie: both bold
+        make_record("random", "a", 0.05, [0], [50.0]),
+        {**make_record("mkdt", "a", 0.05, [0], [0.0]), "mean": None, "std": None, "diverged_seeds": [0]},
+    ]
+    lines = results_table(records, bold_best=True).splitlines()
+    assert lines[2:] == [
+        "| 1% | random subset | 30.00 ± 0.00 | **20.00 ± 0.00** |",
+        "| 1% | MKDT | **33.00 ± 0.00** | **20.00 ± 0.00** |",
+        "| 1% | full data | 40.00 ± 0.00 | – |",
+        "| 5% | random subset | **50.00 ± 0.00** | – |",
+        "| 5% | MKDT | diverged | – |",
+    ]
+    assert "**" not in results_table(records)  # bold only when asked

@@ -4,8 +4,11 @@ mkdt STAGE [--preset NAME] [--config FILE] [--out DIR] [--force] [key=value ...]
     STAGE: teacher, targets, experts, init, distill, evaluate, run (all stages in order)
 mkdt analyze NAME [--preset NAME] [--out RUN] [options] [key=value ...]
     NAME: trajectories, replay, variance, mtt, theorem (see `mkdt analyze --help`)
+mkdt report RUN [RUN ...] --out DIR                            tables and figures of runs (HTML, markdown)
+mkdt import NAME SOURCE [--kind K] [--scale S] [--out RUN] [key=value ...]   a set evaluated as ext:NAME
+mkdt export RUN --to DIR [--set mkdt|mtt_ssl|ext:NAME]         a set as PNG files plus its targets
 mkdt config  [--preset NAME] [--config FILE] [key=value ...]   print the resolved config
-mkdt presets                                                   list the presets
+mkdt presets                                                   list the presets and what each reproduces
 mkdt datasets                                                  list the registered datasets
 """
 
@@ -53,6 +56,20 @@ def _options_epilog(stage: str | None) -> str:
     return "\n".join(lines)
 
 
+def _print_presets() -> None:
+    """``mkdt presets``: each preset's name and first comment line, the paper's tables apart."""
+    names = preset_names()
+    tables = [name for name in names if name.startswith("table")]
+    width = max(map(len, names)) + 2
+    for title, group in (
+        ("settings:", [name for name in names if name not in tables]),
+        ("the paper's tables (docs/method.md §4 gives the commands):", tables),
+    ):
+        print(title)
+        for name in group:
+            print(f"  {name:{width}s}{preset_description(name)}")
+
+
 def _add_config_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--preset", default=DEFAULT_PRESET, help=f"settings to start from (default: {DEFAULT_PRESET})"
@@ -82,6 +99,20 @@ def _add_analyses(sub: Any) -> None:
             _add_config_args(p)
             p.add_argument("--out", metavar="RUN", help="the run directory (default: runs/<preset>)")
         module.add_arguments(p)
+
+
+TRANSFERS = {"import": "mkdt.external.importer", "export": "mkdt.external.exporter"}
+
+
+def _add_transfers(sub: Any) -> None:
+    """``mkdt import`` (with the run's config and ``--out RUN``) and ``mkdt export``."""
+    for command, name in TRANSFERS.items():
+        module = importlib.import_module(name)
+        p = sub.add_parser(command, help=module.SUMMARY, description=module.SUMMARY)
+        module.add_arguments(p)
+        if command == "import":
+            _add_config_args(p)
+            p.add_argument("--out", metavar="RUN", help="the run directory (default: runs/<preset>)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -117,13 +148,19 @@ def build_parser() -> argparse.ArgumentParser:
             "stages stay valid if the repaired artifacts equal the recorded ones",
         )
     _add_analyses(sub)
+    _add_transfers(sub)
+    text = "gather run directories into one report: DIR/index.html (self-contained) and DIR/report.md"
+    p = sub.add_parser("report", help=text, description=text)
+    p.add_argument("runs", nargs="+", metavar="RUN", help="run directories (the --out of mkdt commands)")
+    p.add_argument("--out", metavar="DIR", required=True, help="folder to write the report into")
     p = sub.add_parser(
         "config",
         help="print the resolved config as YAML",
         description="print the resolved config (defaults <- preset <- file <- overrides)",
     )
     _add_config_args(p)
-    sub.add_parser("presets", help="list the presets", description="list the presets")
+    text = "list the presets and what each reproduces (the paper's tables: table1-cifar10, ...)"
+    sub.add_parser("presets", help=text, description=text)
     sub.add_parser(
         "datasets",
         help="list the registered datasets and their on-disk formats",
@@ -143,14 +180,27 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.overrides = [*args.overrides, *extra]
     try:
         if args.command == "presets":
-            for name in preset_names():
-                print(f"{name:20s} {preset_description(name)}")
+            _print_presets()
             return 0
         if args.command == "datasets":
             from mkdt.data import DATASETS
 
             for name, spec in sorted(DATASETS.items()):
                 print(f"{name:14s} {spec.description}")
+            return 0
+        if args.command == "report":
+            from mkdt.reporting import build_report
+
+            folder = build_report(args.runs, args.out)
+            print(f"report: {folder / 'index.html'} and {folder / 'report.md'}")
+            return 0
+        if args.command == "export":
+            importlib.import_module(TRANSFERS["export"]).main(args)
+            return 0
+        if args.command == "import":
+            args.out = args.out or f"runs/{args.preset}"
+            config = load_config(args.preset, args.config, args.overrides)
+            importlib.import_module(TRANSFERS["import"]).main(args, config)
             return 0
         if args.command == "analyze":
             module = _analysis(args.analysis)

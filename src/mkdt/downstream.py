@@ -1,13 +1,16 @@
 """The evaluation's protocol, shared by the evaluate stage, the pipeline and the analyses: the
 matched window and the evaluation's pre-training in SGD steps, the pre-training of a method's
-student, downstream tasks and the probe.
+student, downstream tasks, the probe and fine-tuning.
 
 A task entry is a registered dataset name, optionally ``name=root``. Its images are resized to
 D_real's resolution, grayscale is repeated to RGB where the encoder takes 3 channels, and all
 images are normalised with D_real's statistics (what the encoder was trained on). For label
 fraction f and probe seed s, the labelled images are a fraction f of the task's training split
 drawn from ``derive_seed(seed, "labels", task, f, s)`` (the same for every method and every
-analysis), and the accuracy is measured on the whole test split.
+analysis, and for both protocols), and the accuracy is measured on the whole test split.
+Fine-tuning (:mod:`mkdt.train.finetune`) trains a copy of the encoder with a new head whose init
+and batch order (with augmentation) come from ``derive_seed(seed, "finetune", task, f, s, "head")``
+and ``(..., "batches")``: the same for every method too.
 """
 
 from __future__ import annotations
@@ -22,10 +25,13 @@ from torch import nn
 from mkdt.config import Config, ModelConfig
 from mkdt.config.schema import parse_task
 from mkdt.data import ImageData, load_dataset
-from mkdt.errors import ConfigError
+from mkdt.data.registry import locate_dataset
+from mkdt.errors import ConfigError, DataError
 from mkdt.nn.models import build_network
+from mkdt.report import external_name
 from mkdt.runtime import Runtime, derive_seed, generator, seeded
 from mkdt.store import INIT_METHODS, SyntheticSet
+from mkdt.train.finetune import FinetuneRecipe, fine_tune, top1_accuracy
 from mkdt.train.kd import KDRecipe, encode, train_student
 from mkdt.train.probe import linear_probe
 
@@ -100,7 +106,7 @@ def pretrain(
         desc=f"pre-train {method} (seed {seed})",
         runtime=runtime,
         lr_key="evaluate.lr"
-        if method in ("full", "mtt_ssl") or method in INIT_METHODS
+        if method in ("full", "mtt_ssl") or method in INIT_METHODS or external_name(method)
         else f"distill.lr_lr ({method} pre-trains at MKDT's learned alpha_syn)",
     )
     return student, trajectory.loss.tolist()
@@ -109,6 +115,30 @@ def pretrain(
 def task_names(config: Config) -> list[str]:
     """The task entries: ``evaluate.tasks``, or the pre-training dataset alone."""
     return config.evaluate.tasks or [config.data.name]
+
+
+def available_tasks(config: Config) -> tuple[list[str], dict[str, str]]:
+    """The task entries whose files are found, and ``{entry: one line saying where it was looked
+    for and how to provide it}`` for the others, which ``evaluate.missing_tasks=skip`` skips; with
+    ``error`` the first missing task raises DataError. Only looks for the files (nothing is
+    decoded), so it runs before any compute; D_real's own dataset, loaded first, is not looked for."""
+    present, skipped = [], {}
+    for entry in task_names(config):
+        name, root = parse_task(entry)
+        try:
+            if name != config.data.name or root is not None:
+                locate_dataset(name, root)
+        except DataError as exc:
+            why = f"{str(exc).split('; ')[0]}; put it there or give it as {name}=ROOT in evaluate.tasks"
+            if config.evaluate.missing_tasks == "error":
+                skip = "evaluate.missing_tasks=skip evaluates the others"
+                raise DataError(f"evaluate task {entry!r}: {why} ({skip})") from None
+            skipped[entry] = f"evaluate: skipping task {entry!r}: {why}"
+        else:
+            present.append(entry)
+    if not present:
+        raise DataError(f"no task of evaluate.tasks was found ({', '.join(skipped)}): give them as name=ROOT")
+    return present, skipped
 
 
 def match_channels(task: ImageData, channels: int, entry: str) -> ImageData:
@@ -170,14 +200,12 @@ def probe(
     device: torch.device,
 ) -> list[dict[str, Any]]:
     """Probe the frozen student on every task and fraction: [{"task", "label_fraction",
-    "accuracy" (percent), "num_labels"}]."""
+    "accuracy" (percent), "num_labels", "protocol": "probe"}]."""
     v, results = config.evaluate, []
     for name, task in tasks.items():
         test_x = encode(student, task.test_images.to(device), v.batch_size, normalize=reference.normalize)
         for fraction in v.label_fractions:
-            images, labels = labelled_subset(
-                task, fraction, v.class_balanced, derive_seed(config.seed, "labels", name, fraction, seed)
-            )
+            images, labels = task_labels(config, name, task, fraction, seed)
             train_x = encode(student, images.to(device), v.batch_size, normalize=reference.normalize)
             accuracy = linear_probe(
                 train_x,
@@ -195,6 +223,59 @@ def probe(
                     "label_fraction": fraction,
                     "accuracy": 100 * accuracy,
                     "num_labels": len(labels),
+                    "protocol": "probe",
+                }
+            )
+    return results
+
+
+def task_labels(
+    config: Config, name: str, task: ImageData, fraction: float, seed: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The labelled images of task entry ``name`` at ``fraction`` for evaluation seed ``seed``,
+    the same for every method and protocol (:func:`labelled_subset`)."""
+    stream = derive_seed(config.seed, "labels", name, fraction, seed)
+    return labelled_subset(task, fraction, config.evaluate.class_balanced, stream)
+
+
+def finetune(
+    config: Config,
+    student: nn.Module,
+    tasks: dict[str, ImageData],
+    seed: int,
+    reference: ImageData,
+    runtime: Runtime,
+) -> list[dict[str, Any]]:
+    """Fine-tune a copy of the student (left unchanged) with a new linear head on every task and
+    fraction, on the probe's labelled images, by ``evaluate.finetune``'s recipe: [{"task",
+    "label_fraction", "accuracy" (percent, on the test split), "num_labels", "protocol":
+    "finetune"}]."""
+    v, f, device, results = config.evaluate, config.evaluate.finetune, runtime.device, []
+    recipe = FinetuneRecipe(f.steps, f.lr, f.momentum, f.weight_decay, f.batch_size, f.augment)
+    for name, task in tasks.items():
+        test_x, test_y = task.test_images.to(device), task.test_labels.to(device)
+        for fraction in v.label_fractions:
+            images, labels = task_labels(config, name, task, fraction, seed)
+            stream = (config.seed, "finetune", name, fraction, seed)
+            model = fine_tune(
+                student,
+                images.to(device),
+                labels.to(device),
+                task.num_classes,
+                reference.normalize,
+                recipe,
+                derive_seed(*stream, "head"),
+                generator(derive_seed(*stream, "batches"), device),
+                runtime,
+                desc=f"fine-tune on {name}, {fraction:g} of the labels (seed {seed})",
+            )
+            results.append(
+                {
+                    "task": name,
+                    "label_fraction": fraction,
+                    "accuracy": 100 * top1_accuracy(model, test_x, test_y, v.batch_size, reference.normalize),
+                    "num_labels": len(labels),
+                    "protocol": "finetune",
                 }
             )
     return results

@@ -9,8 +9,11 @@ A stage's *definition* is the part of the config its result depends on: the valu
 as ``experts.lr: 0.1 -> 0.05``). ``settings`` are keys a stage uses that do not change its result
 (speed, layout, logging). A few values are resolved rather than copied (:func:`_resolved`): a teacher
 loaded from a checkpoint is defined by the file's sha256 and its architecture; the evaluation's
-network by ``evaluate.model`` or, when that is null, ``experts.student``; a dataset given by a
-path by that path and its files' names and sizes (:func:`mkdt.data.registry.source_identity`).
+network by ``evaluate.model`` or, when that is null, ``experts.student``; its protocols by
+``evaluate.protocols`` in the order of :data:`mkdt.report.PROTOCOLS`, with the fine-tuning recipe
+``evaluate.finetune`` only when they list ``finetune``, and neither when they are ``[probe]`` alone
+(so runs made before fine-tuning existed stay valid); a dataset given by a path by that path and
+its files' names and sizes (:func:`mkdt.data.registry.source_identity`).
 Which epochs the experts store is not part of their definition: stages that read an epoch check
 that it was stored.
 """
@@ -26,7 +29,7 @@ from typing import Any
 from mkdt.config import Config
 from mkdt.data.registry import source_identity
 from mkdt.files import file_sha256
-from mkdt.report import LR_MATCHED
+from mkdt.report import LR_MATCHED, PROTOCOLS
 from mkdt.store import INIT_METHODS
 
 RUNTIME_KEYS = ("device", "precision", "channels_last", "compile")
@@ -90,10 +93,11 @@ STAGES: dict[str, Stage] = {
         ),
         Stage(
             "init",
-            "choose the initial synthetic images: high-KD-loss and random real subsets",
+            "choose the initial synthetic images: high-KD-loss, random and SAS real subsets",
             reads=("experts",),
             keys=("init",),
             settings=("device",),
+            reads_if=(("teacher", lambda config: config.init.sas_proxy == "teacher"),),
         ),
         Stage(
             "distill",
@@ -106,14 +110,15 @@ STAGES: dict[str, Stage] = {
                 "distill.checkpoint_every",
                 "distill.log_every",
                 "distill.check_window",
+                "distill.snapshots",
             ),
         ),
         Stage(
             "evaluate",
-            "pre-train a student on each set (baselines and MKDT), linear-probe it, write results",
+            "pre-train a student on each set (baselines, MKDT), linear-probe or fine-tune it, write results",
             reads=("targets",),
             keys=("evaluate",),
-            settings=RUNTIME_KEYS,
+            settings=(*RUNTIME_KEYS, "evaluate.missing_tasks"),  # the skipped tasks are in the record
             reads_if=(
                 ("init", _evaluates(*INIT_METHODS, *LR_MATCHED)),
                 ("distill", _evaluates("mkdt", *LR_MATCHED)),
@@ -123,6 +128,9 @@ STAGES: dict[str, Stage] = {
 }
 
 _NOT_DEFINING = frozenset(key for stage in STAGES.values() for key in stage.settings)
+_ADDED_LATER = {"init.sas_clusters": None, "init.sas_views": 2, "init.sas_proxy": "expert"}
+"""Keys added after run directories existed, with their defaults: a definition leaves them out at
+that value, so earlier runs stay valid (the init stage adds the SAS subset to an earlier init)."""
 
 
 def _value(config: Config, dotted: str) -> Any:
@@ -137,13 +145,14 @@ def _value(config: Config, dotted: str) -> Any:
 
 
 def _drop_settings(value: Any, dotted: str) -> Any:
-    """A section's dict without the keys that are settings of some stage."""
+    """A section's dict without the keys that are settings of some stage, and without the
+    :data:`_ADDED_LATER` keys that are at their default."""
     if not isinstance(value, dict):
         return value
     return {
         k: _drop_settings(v, f"{dotted}.{k}")
         for k, v in value.items()
-        if f"{dotted}.{k}" not in _NOT_DEFINING
+        if f"{dotted}.{k}" not in _NOT_DEFINING and (f"{dotted}.{k}", v) not in _ADDED_LATER.items()
     }
 
 
@@ -159,7 +168,20 @@ def _resolved(config: Config, stage: str, own: dict[str, Any]) -> dict[str, Any]
     if stage == "evaluate":
         model = config.evaluate.model or config.experts.student
         own["evaluate"]["model"] = dataclasses.asdict(model)
+        _put_protocols(config, own["evaluate"])
     return own
+
+
+def _put_protocols(config: Config, evaluate: dict[str, Any]) -> None:
+    """Replace ``protocols`` and ``finetune`` in the evaluation's definition ``evaluate`` by what
+    defines its results (see the module docstring)."""
+    evaluate.pop("protocols", None)
+    evaluate.pop("finetune", None)
+    protocols = [p for p in PROTOCOLS if p in config.evaluate.protocols]
+    if protocols != ["probe"]:
+        evaluate["protocols"] = protocols
+    if "finetune" in protocols:
+        evaluate["finetune"] = dataclasses.asdict(config.evaluate.finetune)
 
 
 def _nest(into: dict[str, Any], dotted: str, value: Any) -> None:
@@ -169,6 +191,23 @@ def _nest(into: dict[str, Any], dotted: str, value: Any) -> None:
     into[leaf] = value
 
 
+_MODEL_KEYS_ADDED_LATER = {"stem": "cifar"}
+"""Model-section keys added after run directories existed, with the value every earlier run
+computed: a definition leaves them out at that value, so earlier runs stay valid."""
+
+
+def _without_later_defaults(value: Any) -> Any:
+    """``value`` with every model section's later-added keys removed where at their default."""
+    if not isinstance(value, dict):
+        return value
+    is_model = "arch" in value
+    return {
+        k: _without_later_defaults(v)
+        for k, v in value.items()
+        if not (is_model and k in _MODEL_KEYS_ADDED_LATER and v == _MODEL_KEYS_ADDED_LATER[k])
+    }
+
+
 def defining(config: Config, stage: str) -> dict[str, Any]:
     """The definition of ``stage`` under ``config``: its own keys and those of every stage it
     reads, nested as in the config."""
@@ -176,7 +215,7 @@ def defining(config: Config, stage: str) -> dict[str, Any]:
     own: dict[str, Any] = {}
     for key in spec.keys:
         _nest(own, key, _drop_settings(_value(config, key), key))
-    own = _resolved(config, stage, own)
+    own = _without_later_defaults(_resolved(config, stage, own))
     for upstream in spec.inputs(config):
         _merge(own, defining(config, upstream))
     return own

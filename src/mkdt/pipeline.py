@@ -13,7 +13,7 @@ from typing import Any
 from mkdt.analysis.trajectories import LOW_SHARE, analyse
 from mkdt.config import Config, config_to_dict, dump_config
 from mkdt.data.real import RealData, load_real
-from mkdt.downstream import window_of, window_summary
+from mkdt.downstream import available_tasks, window_of, window_summary
 from mkdt.errors import ArtifactError
 from mkdt.files import fingerprint, logged_to, read_json, write_text
 from mkdt.graph import STAGES, defining, later_stages
@@ -79,12 +79,14 @@ def run_stages(
 ) -> dict[str, dict[str, Any]]:
     """Run ``stages`` (in pipeline order) into ``out``; finished compatible stages are skipped.
 
-    Before anything is written: the device, D_real, the sizes it must satisfy, and whether every
-    requested stage that already finished was made with this config (else ArtifactError) are
-    checked, then the folder is made writable and checked for room. With ``force`` the named
-    stages are recomputed and every later stage's record is dropped. With ``repair`` a finished
-    stage whose artifacts are missing or damaged is redone (experts: only the damaged ones); the
-    later stages' records are dropped only if the repaired artifacts differ from the recorded ones.
+    Before anything is written: the device, D_real, the sizes it must satisfy, the files of the
+    evaluation's tasks (a missing one is refused or, ``evaluate.missing_tasks=skip``, named in one
+    line when the run starts), and whether every requested stage that already finished was made
+    with this config (else ArtifactError) are checked, then the folder is made writable and checked
+    for room. With ``force`` the named stages are recomputed and every later stage's record is
+    dropped. With ``repair`` a finished stage whose artifacts are missing or damaged is redone
+    (experts: only the damaged ones); the later stages' records are dropped only if the repaired
+    artifacts differ from the recorded ones.
     """
     store = RunDir(out)
     names = [name for name in STAGES if name in stages]
@@ -96,6 +98,7 @@ def run_stages(
             if not (repair and store.damaged(name)) and store.is_done(name, defining(config, name)):
                 store.verified(name)
     todo = [name for name in names if force or store.record(name) is None]
+    skipped = available_tasks(config)[1] if "evaluate" in todo else {}  # missing_tasks=error raises
     if runtime.is_main:
         created = store.prepare()
         try:
@@ -117,6 +120,8 @@ def run_stages(
                 f"mkdt: {', '.join(todo)} into {store.path}"
                 + (f"; {window_summary(config, real.num_train)}" if window else "")
             )
+            for line in skipped.values():
+                print(line)
         records, warning = {}, None
         for name in names:
             old = store.record(name) if repair else None

@@ -1,17 +1,22 @@
-"""Evaluation results: records (one per method x task x label fraction) and the paper-style table.
+"""Evaluation results: records (one per protocol x method x task x label fraction) and the
+paper-style table.
 
 A record is a JSON-able dict::
 
     {"method": "mkdt", "task": "cifar10", "label_fraction": 0.01, "seeds": [0, 1, 2],
-     "accuracies": [44.1, 45.9, 43.0], "mean": 44.33, "std": 1.47}
+     "accuracies": [44.1, 45.9, 43.0], "mean": 44.33, "std": 1.47, "protocol": "probe"}
 
 with test accuracies in percent, one per seed, and the sample standard deviation (ddof=1; 0 for a
-single seed). :func:`results_table` renders records as a markdown table shaped like the paper's
-Table 1 (docs/method.md).
+single seed). ``protocol`` is one of :data:`PROTOCOLS`; a record without it (results.json written
+before fine-tuning existed) is a linear-probe record (:func:`protocol_of`). :func:`results_table`
+renders records as a markdown table shaped like the paper's Table 1 (docs/method.md), one table per
+protocol when there are fine-tuning records.
 """
 
 from __future__ import annotations
 
+import math
+import re
 import statistics
 from collections.abc import Iterable, Sequence
 from typing import Any
@@ -19,6 +24,7 @@ from typing import Any
 METHOD_NAMES = {
     "no_pretrain": "no pre-training",
     "random": "random subset",
+    "sas": "SAS subset",
     "high_loss": "high-loss subset",
     "random@alpha": "random subset @ MKDT's lr",
     "high_loss@alpha": "high-loss subset @ MKDT's lr",
@@ -26,12 +32,33 @@ METHOD_NAMES = {
     "mtt_ssl": "MTT-SSL",
     "full": "full data",
 }
-EVAL_METHODS = ("no_pretrain", "random", "high_loss", "full", "random@alpha", "high_loss@alpha", "mkdt")
+EVAL_METHODS = (
+    "no_pretrain",
+    "random",
+    "sas",
+    "high_loss",
+    "full",
+    "random@alpha",
+    "high_loss@alpha",
+    "mkdt",
+)
 """What the evaluate stage runs; ``X@alpha`` is subset X pre-trained at MKDT's learned alpha_syn."""
 OPTIONAL_METHODS = ("mtt_ssl",)  # accepted by evaluate.methods, not run by default
 AT_ALPHA = "@alpha"
 LR_MATCHED = ("random@alpha", "high_loss@alpha")  # the lr-matched controls
+EXTERNAL = "ext:"
+"""Prefix of the methods of imported sets: ``ext:NAME`` pre-trains on the set ``mkdt import``
+wrote to ``RUN/imported/NAME.safetensors``."""
+EXTERNAL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+"""What NAME may be: letters, digits, ``_``, ``.`` and ``-``, starting with a letter or a digit."""
 MISSING = "–"
+PROTOCOLS = ("probe", "finetune")
+"""The downstream protocols, in the order of records and tables: ``probe`` (a linear probe on the
+frozen features) and ``finetune`` (the whole encoder and a new linear head trained on the labels)."""
+PROTOCOL_TITLES = {
+    "probe": "Linear probe",
+    "finetune": "Fine-tuning (the whole encoder and a linear head)",
+}
 
 
 def summarise(accuracies: Sequence[float]) -> tuple[float, float]:
@@ -42,8 +69,19 @@ def summarise(accuracies: Sequence[float]) -> tuple[float, float]:
     return statistics.fmean(accuracies), std
 
 
+def protocol_of(result: dict[str, Any]) -> str:
+    """The protocol of a record or of a result: its ``protocol``, ``probe`` when it has none."""
+    protocol: str = result.get("protocol", "probe")
+    return protocol
+
+
 def make_record(
-    method: str, task: str, label_fraction: float, seeds: Sequence[int], accuracies: Sequence[float]
+    method: str,
+    task: str,
+    label_fraction: float,
+    seeds: Sequence[int],
+    accuracies: Sequence[float],
+    protocol: str = "probe",
 ) -> dict[str, Any]:
     """One result record (accuracies in percent, in the order of ``seeds``)."""
     if len(seeds) != len(accuracies):
@@ -57,6 +95,7 @@ def make_record(
         "accuracies": list(accuracies),
         "mean": mean,
         "std": std,
+        "protocol": protocol,
     }
 
 
@@ -66,50 +105,69 @@ def build_records(
     tasks: Sequence[str],
     fractions: Sequence[float],
     diverged: dict[str, list[int]] | None = None,
+    protocols: Sequence[str] = ("probe",),
 ) -> list[dict[str, Any]]:
-    """Records for every method x task x fraction, in that nesting order, from probe results.
+    """Records for every protocol x method x task x fraction, in that nesting order, from results.
 
-    A probe result is ``{"method", "seed", "task", "label_fraction", "accuracy"}`` (percent); each
-    record gathers its setting's results sorted by seed. ``diverged`` lists, per method, the seeds
-    whose pre-training diverged (they have no probe results): their records carry
-    ``diverged_seeds``, and when no seed is left ``mean`` and ``std`` are None. Any other setting
-    without results raises ValueError.
+    A result is ``{"method", "seed", "task", "label_fraction", "accuracy"}`` (percent) with an
+    optional ``protocol`` (:func:`protocol_of`); each record gathers its setting's results sorted
+    by seed. ``diverged`` lists, per method, the seeds whose pre-training diverged (they have no
+    results): their records carry ``diverged_seeds``, and when no seed is left ``mean`` and ``std``
+    are None. Any other setting without results raises ValueError.
     """
     diverged = diverged or {}
-    found: dict[tuple[str, str, float], dict[int, float]] = {}
+    found: dict[tuple[str, str, str, float], dict[int, float]] = {}
     for p in probes:
-        found.setdefault((p["method"], p["task"], p["label_fraction"]), {})[p["seed"]] = p["accuracy"]
+        key = (protocol_of(p), p["method"], p["task"], p["label_fraction"])
+        found.setdefault(key, {})[p["seed"]] = p["accuracy"]
     records = []
-    for method in methods:
-        for task in tasks:
-            for fraction in fractions:
-                by_seed = found.get((method, task, fraction), {})
-                failed = sorted(diverged.get(method, []))
-                if not by_seed and not failed:
-                    raise ValueError(f"no probe results for {method} on {task} at {fraction}")
-                seeds = sorted(by_seed)
-                if by_seed:
-                    record = make_record(method, task, fraction, seeds, [by_seed[s] for s in seeds])
-                else:
-                    record = {
-                        "method": method,
-                        "task": task,
-                        "label_fraction": fraction,
-                        "seeds": [],
-                        "accuracies": [],
-                        "mean": None,
-                        "std": None,
-                    }
-                if failed:
-                    record["diverged_seeds"] = failed
-                records.append(record)
+    for protocol in protocols:
+        for method in methods:
+            for task in tasks:
+                for fraction in fractions:
+                    by_seed = found.get((protocol, method, task, fraction), {})
+                    failed = sorted(diverged.get(method, []))
+                    if not by_seed and not failed:
+                        raise ValueError(f"no {protocol} results for {method} on {task} at {fraction}")
+                    records.append(_record(protocol, method, task, fraction, by_seed, failed))
     return records
 
 
+def _record(
+    protocol: str, method: str, task: str, fraction: float, by_seed: dict[int, float], failed: list[int]
+) -> dict[str, Any]:
+    """The record of one setting from its accuracies by seed and its diverged seeds."""
+    seeds = sorted(by_seed)
+    if seeds:
+        record = make_record(method, task, fraction, seeds, [by_seed[s] for s in seeds], protocol)
+    else:
+        record = {
+            "method": method,
+            "task": task,
+            "label_fraction": fraction,
+            "seeds": [],
+            "accuracies": [],
+            "mean": None,
+            "std": None,
+            "protocol": protocol,
+        }
+    if failed:
+        record["diverged_seeds"] = failed
+    return record
+
+
 def mkdt_margins(records: Sequence[dict[str, Any]]) -> str:
-    """Lines saying, per task and label fraction, MKDT's mean minus each same-size baseline's
-    mean (``full`` is an upper reference, not a baseline) and which baselines MKDT does not beat;
-    "" without MKDT records."""
+    """Lines saying, per protocol, task and label fraction, MKDT's mean minus each same-size
+    baseline's mean (``full`` is an upper reference, not a baseline) and which baselines MKDT does
+    not beat; the lines of fine-tuning records say "(fine-tuning)". "" without MKDT records."""
+    return "".join(
+        _margins([r for r in records if protocol_of(r) == p], "" if p == "probe" else " (fine-tuning)")
+        for p in PROTOCOLS
+    )
+
+
+def _margins(records: Sequence[dict[str, Any]], tag: str) -> str:
+    """:func:`mkdt_margins` of one protocol's records, ``tag`` after "baseline" and "beat"."""
     means = {(r["method"], r["task"], r["label_fraction"]): r["mean"] for r in records}
     lines, behind = [], set()
     for (method, task, fraction), mean in means.items():
@@ -123,11 +181,16 @@ def mkdt_margins(records: Sequence[dict[str, Any]]) -> str:
                     behind.add(method_label(other))
         if parts:
             lines.append(
-                f"MKDT minus each baseline, {task} {fraction_label(fraction)} labels: " + ", ".join(parts)
+                f"MKDT minus each baseline{tag}, {task} {fraction_label(fraction)} labels: "
+                + ", ".join(parts)
             )
     if not lines:
         return ""
-    verdict = f"MKDT does not beat: {', '.join(sorted(behind))}" if behind else "MKDT beats every baseline"
+    verdict = (
+        f"MKDT does not beat{tag}: {', '.join(sorted(behind))}"
+        if behind
+        else f"MKDT beats every baseline{tag}"
+    )
     return "\n".join([*lines, verdict + " (means over seeds; compare with the std in the table)"]) + "\n"
 
 
@@ -136,9 +199,17 @@ def fraction_label(fraction: float) -> str:
     return f"{100 * fraction:.6g}%"
 
 
+def external_name(method: str) -> str | None:
+    """NAME of an ``ext:NAME`` method whose NAME is valid (:data:`EXTERNAL_NAME`); else None."""
+    name = method.removeprefix(EXTERNAL)
+    return name if method.startswith(EXTERNAL) and EXTERNAL_NAME.fullmatch(name) else None
+
+
 def method_label(method: str) -> str:
-    """The human name of a method ("mkdt" -> "MKDT"); unknown names are returned as they are."""
-    return METHOD_NAMES.get(method, method)
+    """The human name of a method ("mkdt" -> "MKDT", "ext:krr" -> "krr (imported)"); unknown names
+    are returned as they are."""
+    name = external_name(method)
+    return f"{name} (imported)" if name is not None else METHOD_NAMES.get(method, method)
 
 
 def cell(record: dict[str, Any]) -> str:
@@ -151,20 +222,55 @@ def cell(record: dict[str, Any]) -> str:
     return f"{text} ({failed} diverged)" if failed else text
 
 
-def _method_order(method: str) -> tuple[int, str]:
+def method_order(method: str) -> tuple[int, str]:
+    """Sort key of methods: the order of :data:`METHOD_NAMES`, unknown methods last by name."""
     order = list(METHOD_NAMES)
     return (order.index(method), "") if method in order else (len(order), method)
 
 
-def results_table(records: Sequence[dict[str, Any]], header: str | None = None) -> str:
+def best_means(records: Sequence[dict[str, Any]]) -> dict[tuple[float, str], float]:
+    """The highest mean of each (label fraction, task) among the same-size methods: every method
+    but ``full``, an upper reference (as in the paper's Table 1); settings without a mean skipped."""
+    best: dict[tuple[float, str], float] = {}
+    for r in records:
+        key = (r["label_fraction"], r["task"])
+        if r["method"] != "full" and r["mean"] is not None and r["mean"] > best.get(key, -math.inf):
+            best[key] = r["mean"]
+    return best
+
+
+def results_table(
+    records: Sequence[dict[str, Any]], header: str | None = None, bold_best: bool = False
+) -> str:
     """A markdown table: one row per label fraction (ascending) x method (in the order of
     :data:`METHOD_NAMES`, unknown methods last by name), one column per task (in order of first
     appearance); cells "mean ± std", "–" where a setting has no record. ``header`` (if given) is
-    a line printed above the table."""
+    a line printed above the table; with ``bold_best`` the cells of :func:`best_means` are bold.
+
+    Linear-probe records alone make one table; with records of other protocols, each protocol
+    (in the order of :data:`PROTOCOLS`, unknown ones last) gets its own table under its title."""
+    found = {protocol_of(r) for r in records}
+    if found <= {"probe"}:
+        return _table(records, header, bold_best)
+    protocols = [p for p in PROTOCOLS if p in found] + sorted(found - set(PROTOCOLS))
+    parts = [f"{header}\n"] if header else []
+    for protocol in protocols:
+        chosen = [r for r in records if protocol_of(r) == protocol]
+        parts.append(_table(chosen, f"{PROTOCOL_TITLES.get(protocol, protocol)}:", bold_best))
+    return "\n".join(parts)
+
+
+def _table(records: Sequence[dict[str, Any]], header: str | None, bold_best: bool) -> str:
+    """The table of :func:`results_table` for the records of one protocol."""
     tasks = list(dict.fromkeys(r["task"] for r in records))
     fractions = sorted({r["label_fraction"] for r in records})
-    methods = sorted({r["method"] for r in records}, key=_method_order)
-    cells = {(r["label_fraction"], r["method"], r["task"]): cell(r) for r in records}
+    methods = sorted({r["method"] for r in records}, key=method_order)
+    best = best_means(records) if bold_best else {}
+    cells = {}
+    for r in records:
+        top = best.get((r["label_fraction"], r["task"]))
+        bold = r["method"] != "full" and top is not None and top == r["mean"]
+        cells[(r["label_fraction"], r["method"], r["task"])] = f"**{cell(r)}**" if bold else cell(r)
     lines = [f"{header}\n"] if header else []
     lines.append("| labels | method | " + " | ".join(tasks) + " |")
     lines.append("|---|---|" + "---|" * len(tasks))

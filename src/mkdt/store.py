@@ -9,11 +9,14 @@ Stages talk to each other only through this store. Layout of a run directory ``O
     OUT/teacher/checkpoint.pt                resumable SSL training state
     OUT/targets/targets.safetensors          ``targets`` (N, D) float32, rows in D_real order
     OUT/experts/expert_KKKK.safetensors      ``params`` (S, P), ``epochs`` (S,), ``loss`` (epochs,)
-    OUT/init/indices.safetensors             ``high_loss`` (n,), ``random`` (n,), ``loss`` (N,)
+    OUT/init/indices.safetensors             ``high_loss``, ``random``, ``sas`` (n,), ``loss`` (N,)
     OUT/distill/synthetic.safetensors        ``images``, ``targets``, ``lr`` (the distilled set)
     OUT/distill/grid.png, checkpoint.pt      the distilled images; resumable matching state
+    OUT/distill/history.csv                  per iteration: loss, alpha_syn, pixel change, segments
+    OUT/distill/snapshot_<it>.safetensors    the set after iteration <it> (``distill.snapshots``)
     OUT/evaluate/partial.json                finished (method, seed) evaluations
     OUT/results.json, OUT/results.md         the evaluation's records and table
+    OUT/imported/<name>.safetensors          a set of ``mkdt import``, evaluated as ``ext:<name>``
 
 A stage is finished when its ``stage.json`` exists; that record is written last, so a crash never
 leaves a stage that looks finished. Each stage's *definition* (:mod:`mkdt.graph`) is stored in its
@@ -23,11 +26,14 @@ definition. Records live in one file per stage so that ranks of a distributed ru
 
 from __future__ import annotations
 
+import csv
 import datetime
 import functools
+import io
 import math
 import platform
 import subprocess
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -51,8 +57,10 @@ from mkdt.files import (
     write_text,
 )
 from mkdt.train.kd import Trajectory
+from mkdt.train.matching import History
 
-INIT_METHODS = ("high_loss", "random")  # the subsets the init stage stores (tensor names)
+INIT_METHODS = ("high_loss", "random", "sas")  # the subsets the init stage stores (tensor names)
+HISTORY_COLUMNS = ("iteration", "loss", "alpha_syn", "pixel_change", "experts", "start_epochs")
 
 
 @dataclass
@@ -247,6 +255,20 @@ class RunDir:
         it is created); None when it cannot be read."""
         return free_bytes(self.path)
 
+    @property
+    def config_path(self) -> Path:
+        """``config.yaml``: the resolved config of the last command."""
+        return self.path / "config.yaml"
+
+    @property
+    def analysis_dir(self) -> Path:
+        """``analysis/``: the tables, numbers and plots of ``mkdt analyze``."""
+        return self.path / "analysis"
+
+    def is_run(self) -> bool:
+        """Whether the folder is a run directory: every command writes config.yaml or manifest.json."""
+        return self.config_path.is_file() or (self.path / "manifest.json").is_file()
+
     def write_manifest(self, config: dict[str, Any], stages: list[str]) -> None:
         """manifest.json: the config, seed, code version, creation time and every stage's record."""
         path = self.path / "manifest.json"
@@ -367,11 +389,17 @@ class RunDir:
         n = len(next(iter(subsets.values())))
         save_tensors(self.indices_path, {**subsets, "loss": loss}, {"images": n})
 
-    def load_indices(self, images: int) -> dict[str, torch.Tensor]:
-        """{"high_loss": (n,), "random": (n,), "loss": (N,)}, checked to hold ``images`` indices."""
+    def load_indices(self, images: int, subsets: Iterable[str] = ()) -> dict[str, torch.Tensor]:
+        """{"high_loss", "random", "sas": (n,), "loss": (N,)}, checked to hold ``images`` indices
+        and each of ``subsets`` (an init made before the SAS subset existed lacks ``sas``)."""
         tensors = load_tensors(self.indices_path)[0]
         if len(tensors["high_loss"]) != images:
             raise ArtifactError(f"{self.indices_path} does not hold {images} indices; redo init with --force")
+        if missing := sorted(set(subsets) - set(tensors)):
+            raise ArtifactError(
+                f"{self.indices_path} was made before the {', '.join(missing)} subset existed; "
+                f"`mkdt init --out {self.path}` adds it (the other subsets and later stages stay valid)"
+            )
         return tensors
 
     # ------------------------------------------------------------ distill
@@ -386,25 +414,93 @@ class RunDir:
         """``distill/checkpoint.pt``: the resumable matching state."""
         return self.stage_dir("distill") / "checkpoint.pt"
 
+    def snapshot_path(self, iteration: int) -> Path:
+        """``distill/snapshot_<iteration>.safetensors``: the set after that iteration."""
+        return self.stage_dir("distill") / f"snapshot_{iteration}.safetensors"
+
+    def snapshot_paths(self) -> list[Path]:
+        """Every snapshot file in ``distill/``."""
+        return sorted(self.stage_dir("distill").glob("snapshot_*.safetensors"))
+
     def save_synthetic(
-        self, synthetic: SyntheticSet, mean: tuple[float, ...], std: tuple[float, ...], iterations: int
+        self,
+        synthetic: SyntheticSet,
+        mean: tuple[float, ...],
+        std: tuple[float, ...],
+        iterations: int,
+        path: Path | None = None,
     ) -> None:
-        """The distilled set; ``mean``/``std`` map its images back to pixels (x * std + mean)."""
+        """The distilled set after ``iterations`` at ``path`` (default :attr:`synthetic_path`; a
+        snapshot at :meth:`snapshot_path`); ``mean``/``std`` map its images back to pixels
+        (x * std + mean)."""
         if synthetic.lr <= 0 or not math.isfinite(synthetic.lr) or not torch.isfinite(synthetic.images).all():
             raise ArtifactError(
                 f"distillation ended with alpha_syn = {synthetic.lr:.4g} or non-finite "
                 "images; lower distill.lr_img or distill.lr_lr and rerun with --force"
             )
         save_tensors(
-            self.synthetic_path,
+            path or self.synthetic_path,
             {"images": synthetic.images, "targets": synthetic.targets, "lr": torch.tensor(synthetic.lr)},
             {"mean": list(mean), "std": list(std), "iterations": iterations},
         )
 
-    def load_synthetic(self) -> SyntheticSet:
-        """The distilled set (images normalised like D_real, targets, alpha_syn)."""
-        tensors = load_tensors(self.synthetic_path)[0]
+    def load_synthetic(self, path: Path | None = None) -> SyntheticSet:
+        """The distilled set (images normalised like D_real, targets, alpha_syn), or the snapshot
+        at ``path``."""
+        tensors = load_tensors(path or self.synthetic_path)[0]
         return SyntheticSet(tensors["images"], tensors["targets"], float(tensors["lr"]))
+
+    @property
+    def history_path(self) -> Path:
+        """``distill/history.csv``: one row per iteration (:data:`HISTORY_COLUMNS`)."""
+        return self.stage_dir("distill") / "history.csv"
+
+    def write_history(self, history: History, since: int = 0) -> None:
+        """``distill/history.csv``: with ``since=0`` the header and every entry of ``history``,
+        written atomically (dropping rows a killed run wrote after its last checkpoint); else the
+        entries from ``since`` on appended. Floats are written exactly (``repr``); a row's B
+        experts and start epochs are space-separated."""
+        buffer = io.StringIO()
+        writer = csv.writer(buffer, lineterminator="\n")
+        if since == 0:
+            writer.writerow(HISTORY_COLUMNS)
+        for i in range(since, len(history)):
+            writer.writerow(
+                [
+                    i + 1,
+                    repr(history.loss[i]),
+                    repr(history.lr[i]),
+                    repr(history.pixel_change[i]),
+                    " ".join(map(str, history.experts[i])),
+                    " ".join(map(str, history.start_epochs[i])),
+                ]
+            )
+        if since == 0:
+            write_text(self.history_path, buffer.getvalue())
+            return
+        try:
+            with open(self.history_path, "a") as fh:
+                fh.write(buffer.getvalue())
+        except OSError as exc:
+            raise write_error(self.history_path, exc) from None
+
+    def load_history(self) -> History:
+        """The history that ``distill/history.csv`` holds; ArtifactError if it is unreadable."""
+        history = History()
+        try:
+            with open(self.history_path, newline="") as fh:
+                rows = list(csv.DictReader(fh))
+            history.extend(
+                [
+                    [float(row["loss"]), float(row["alpha_syn"]), float(row["pixel_change"])]
+                    + [float(k) for k in row["experts"].split()]
+                    + [float(s) for s in row["start_epochs"].split()]
+                    for row in rows
+                ]
+            )
+        except (OSError, KeyError, ValueError, AttributeError) as exc:
+            raise ArtifactError(f"cannot read {self.history_path} ({exc})") from None
+        return history
 
     @property
     def mtt_ssl_path(self) -> Path:
@@ -423,6 +519,52 @@ class RunDir:
         tensors = load_tensors(self.mtt_ssl_path)[0]
         return SyntheticSet(tensors["images"], tensors["targets"], float(tensors["lr"]))
 
+    # ------------------------------------------------------------ imported sets (mkdt import)
+
+    def imported_path(self, name: str) -> Path:
+        """``imported/<name>.safetensors``: a set of ``mkdt import`` in the distill stage's format
+        (its source in the metadata), evaluated as the ``ext:<name>`` method."""
+        return self.path / "imported" / f"{name}.safetensors"
+
+    def targets_sha256(self) -> str | None:
+        """The sha256 that the targets stage recorded for its artifact; None before it finished."""
+        artifacts = (self.record("targets") or {}).get("artifacts", {})
+        sha: str | None = artifacts.get(str(self.targets_path.relative_to(self.path)), {}).get("sha256")
+        return sha
+
+    def save_imported(self, name: str, synthetic: SyntheticSet, metadata: dict[str, Any]) -> None:
+        """Imported set ``name``; ``metadata`` holds ``mean``/``std``, its source, ``lr`` ("learned":
+        pre-train at the stored lr, else at ``evaluate.lr``) and the run's ``targets_sha256``."""
+        save_tensors(
+            self.imported_path(name),
+            {"images": synthetic.images, "targets": synthetic.targets, "lr": torch.tensor(synthetic.lr)},
+            metadata,
+        )
+
+    def load_imported(self, name: str, lr: float) -> SyntheticSet:
+        """Imported set ``name`` at its learned lr, or else at ``lr``; ArtifactError naming the
+        ``mkdt import`` command when it is absent or was imported against other teacher targets."""
+        path = self.imported_path(name)
+        if not path.is_file():
+            raise ArtifactError(
+                f"no imported set {name} in {self.path} ({path} is missing); run "
+                f"`mkdt import {name} SOURCE --out {self.path}` first"
+            )
+        tensors, meta = load_tensors(path)
+        if meta.get("targets_sha256") != self.targets_sha256():
+            raise ArtifactError(
+                f"{path} was imported against other teacher targets (the targets stage was redone "
+                f"since); import it again with `mkdt import {name} {meta.get('source', 'SOURCE')} "
+                f"--out {self.path} --force`"
+            )
+        step = float(tensors["lr"]) if meta.get("lr") == "learned" else lr
+        return SyntheticSet(tensors["images"], tensors["targets"], step)
+
+    @property
+    def grid_path(self) -> Path:
+        """``distill/grid.png``: the distilled images as pixels."""
+        return self.stage_dir("distill") / "grid.png"
+
     def save_grid(
         self, images: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...], max_images: int = 400
     ) -> None:
@@ -433,7 +575,7 @@ class RunDir:
         s = torch.tensor(std).view(1, -1, 1, 1)
         pixels = (images[:max_images].detach().cpu() * s + m).clamp(0, 1)
         nrow = max(1, int(math.sqrt(len(pixels))))
-        with atomic_path(self.stage_dir("distill") / "grid.png") as tmp:
+        with atomic_path(self.grid_path) as tmp:
             save_image(pixels, tmp, nrow=nrow, padding=1, format="png")
 
     # ------------------------------------------------------------ evaluate
@@ -456,7 +598,24 @@ class RunDir:
         """partial.json with the finished ``runs`` of an evaluation with fingerprint ``fp``."""
         write_json(self.partial_path, {"fingerprint": fp, "runs": runs})
 
+    @property
+    def results_path(self) -> Path:
+        """``results.json``: the evaluation's records (:mod:`mkdt.report`)."""
+        return self.path / "results.json"
+
+    @property
+    def results_table_path(self) -> Path:
+        """``results.md``: the evaluation's table, its caption and MKDT's margins."""
+        return self.path / "results.md"
+
     def save_results(self, records: list[dict[str, Any]], table: str) -> None:
         """``results.json`` (the records of :mod:`mkdt.report`) and ``results.md`` (the table)."""
-        write_json(self.path / "results.json", records)
-        write_text(self.path / "results.md", table)
+        write_json(self.results_path, records)
+        write_text(self.results_table_path, table)
+
+    def load_results(self) -> list[dict[str, Any]]:
+        """The evaluation's records; ArtifactError when results.json is missing or unreadable."""
+        if not self.results_path.is_file():
+            raise ArtifactError(f"missing artifact {self.results_path}")
+        records: list[dict[str, Any]] = read_json(self.results_path)
+        return records

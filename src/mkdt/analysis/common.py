@@ -14,7 +14,7 @@ import torch
 
 from mkdt.config import Config
 from mkdt.data.real import RealData, load_real
-from mkdt.downstream import load_task, task_names
+from mkdt.downstream import available_tasks, load_task
 from mkdt.graph import STAGES, defining
 from mkdt.runtime import Runtime
 from mkdt.store import RunDir
@@ -33,7 +33,10 @@ class RunSetting:
 
     @functools.cached_property
     def tasks(self) -> dict[str, Any]:
-        return {entry: load_task(self.config, entry, self.real.data) for entry in task_names(self.config)}
+        entries, skipped = available_tasks(self.config)  # as the evaluation: evaluate.missing_tasks
+        for line in skipped.values():
+            print(line)
+        return {entry: load_task(self.config, entry, self.real.data) for entry in entries}
 
 
 def open_run(

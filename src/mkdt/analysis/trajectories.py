@@ -37,6 +37,7 @@ from mkdt.errors import ConfigError
 from mkdt.files import atomic_path, fingerprint, read_json, write_json, write_text
 from mkdt.graph import defining
 from mkdt.nn.models import build_network
+from mkdt.report import protocol_of
 from mkdt.runtime import Runtime, progress
 from mkdt.store import SyntheticSet
 
@@ -50,15 +51,16 @@ def _mean(values: list[float]) -> float:
 
 
 def full_reference(run: RunSetting) -> tuple[dict[tuple[str, float], float], str]:
-    """acc(full) per (task, fraction): the evaluate stage's mean when it has the ``full`` method,
-    else a pre-training of evaluation seed 0 here; returns it with a note saying which."""
+    """acc(full) per (task, fraction): the evaluate stage's linear-probe mean when it has the
+    ``full`` method, else a pre-training of evaluation seed 0 here; returns it with a note saying
+    which."""
     config, store, real = run.config, run.store, run.real
     results = store.path / "results.json"
     if results.is_file() and store.record("evaluate") is not None:
         acc = {
             (r["task"], r["label_fraction"]): r["mean"]
             for r in read_json(results)
-            if r["method"] == "full" and r.get("mean") is not None
+            if r["method"] == "full" and r.get("mean") is not None and protocol_of(r) == "probe"
         }
         if acc:
             return acc, f"mean of the evaluate stage's {config.evaluate.seeds} full seed(s)"

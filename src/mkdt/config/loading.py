@@ -2,7 +2,9 @@
 validated.
 
 A preset (``mkdt/config/presets/NAME.yaml``) holds only what differs from the defaults, its first
-comment line says what it is. Unknown keys (with a did-you-mean hint, and where a key moved, its new
+comment line says what it is. A preset may build on another with a top-level ``base: OTHER``: OTHER
+(and its own bases) is merged first, then the preset over it; an unknown base or a cycle of bases
+raises :class:`ConfigError`. Unknown keys (with a did-you-mean hint, and where a key moved, its new
 name) and values of the wrong type raise :class:`ConfigError` before any compute starts.
 """
 
@@ -44,13 +46,31 @@ def _preset_text(name: str) -> str:
     return (resources.files("mkdt.config") / "presets" / f"{name}.yaml").read_text()
 
 
+def _preset_layers(name: str, chain: tuple[str, ...] = ()) -> list[dict[str, Any]]:
+    """The settings of preset ``name`` and of its bases (``base: OTHER``), the deepest base first;
+    ``chain`` holds the presets that named ``name`` as their base."""
+    if name in chain:
+        raise ConfigError(f"presets name each other as base: {' -> '.join((*chain, name))}")
+    if chain and name not in preset_names():
+        raise ConfigError(
+            f"preset {chain[-1]!r} has unknown base {name!r}; available: {', '.join(preset_names())}"
+        )
+    layer = _parse_yaml(_preset_text(name), f"preset {name}")
+    base = layer.pop("base", None)
+    if base is None:
+        return [layer]
+    if not isinstance(base, str):
+        raise ConfigError(f"preset {name}: base must be a preset name, got {base!r}")
+    return [*_preset_layers(base, (*chain, name)), layer]
+
+
 def load_config(
     preset: str | None = None, config_file: str | None = None, overrides: list[str] | tuple[str, ...] = ()
 ) -> Config:
     """Defaults <- preset <- YAML file <- ``key=value`` overrides, typed and validated."""
-    merged = dataclasses.asdict(Config())
-    if preset:
-        _merge(merged, _parse_yaml(_preset_text(preset), f"preset {preset}"), "")
+    merged = _unresolved(dataclasses.asdict(Config()))
+    for layer in _preset_layers(preset) if preset else ():
+        _merge(merged, layer, "")
     if config_file:
         path = Path(config_file).expanduser()
         if not path.is_file():
@@ -96,10 +116,39 @@ def _nest(dotted: str, value: Any) -> dict[str, Any]:
     return out
 
 
+def _unresolved(defaults: dict[str, Any]) -> dict[str, Any]:
+    """Default config values with every model section's width back at 0 (the architecture's own
+    width, resolved when the section is built), so that changing only ``arch`` (e.g.
+    ``experts.student.arch=resnet10``) gives that architecture's width, not the old one's."""
+    for value in defaults.values():
+        if isinstance(value, dict):
+            _unresolved(value)
+    if "arch" in defaults and "width" in defaults:
+        defaults["width"] = 0
+    return defaults
+
+
+def _section_defaults(dotted: str) -> dict[str, Any] | None:
+    """The default values of the config section at ``dotted`` when it is a section that may be
+    null (e.g. ``evaluate.model``), else None."""
+    tp: Any = Config
+    for part in dotted.split("."):
+        if not (isinstance(tp, type) and dataclasses.is_dataclass(tp)):
+            return None
+        tp = typing.get_type_hints(tp).get(part)
+        if typing.get_origin(tp) in (types.UnionType, typing.Union):
+            tp = next((a for a in typing.get_args(tp) if a is not type(None)), None)
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
+        return _unresolved(dataclasses.asdict(tp()))
+    return None
+
+
 def _merge(base: dict[str, Any], update: dict[str, Any], prefix: str) -> None:
     for key, value in update.items():
         if key not in base:
             raise ConfigError(_unknown(prefix + str(key), base.keys(), prefix))
+        if base[key] is None and isinstance(value, dict):
+            base[key] = _section_defaults(prefix + str(key)) or {}
         if isinstance(base[key], dict) and isinstance(value, dict):
             _merge(base[key], value, f"{prefix}{key}.")
         else:

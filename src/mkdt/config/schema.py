@@ -20,12 +20,13 @@ import torch
 
 from mkdt.data.registry import dataset_names
 from mkdt.errors import ConfigError
-from mkdt.nn.models import MODEL_NAMES
+from mkdt.nn.models import DEFAULT_WIDTHS, MODEL_NAMES, STEMS
 from mkdt.nn.ssl import SSL_METHODS
-from mkdt.report import EVAL_METHODS, OPTIONAL_METHODS
+from mkdt.report import EVAL_METHODS, OPTIONAL_METHODS, PROTOCOLS, external_name
 from mkdt.runtime import PRECISIONS
 from mkdt.store import INIT_METHODS
 from mkdt.train.matching import BACKENDS
+from mkdt.train.sas import SAS_PROXIES
 
 
 def opt(default: Any, help: str) -> Any:  # noqa: A002 - mirrors argparse's vocabulary
@@ -62,6 +63,9 @@ def check_device(device: str) -> None:
             "device",
             f"{device} is not available here ({count} CUDA device(s)); use device=cpu or device=auto",
         )
+
+
+MISSING_TASKS = ("error", "skip")  # evaluate.missing_tasks
 
 
 def parse_task(entry: str) -> tuple[str, str | None]:
@@ -135,16 +139,42 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    """A network: its name and size."""
+    """A network: its name, size and (ResNets) first layers.
+
+    A width of 0 (the default) becomes the architecture's width when the section is built: 128 for
+    the ConvNet, 64 for ResNets (the paper's), so a section that names a ResNet without a width,
+    such as ``evaluate.model.arch=resnet10``, gets 64; an explicit width wins.
+    """
 
     arch: str = opt("convnet", "network: " + ", ".join(MODEL_NAMES))
-    width: int = opt(128, "channels of the first stage (ConvNet: every block; ResNet: x1,2,4,8)")
+    width: int = opt(
+        0,
+        "channels of the first stage (ConvNet: every block; ResNet: x1,2,4,8); "
+        "0 = the arch's default: ConvNet 128, ResNets 64",
+    )
     depth: int = opt(3, "ConvNet blocks (3 for 32x32 inputs, 4 for 64x64); ignored by ResNets")
+    stem: str = opt(
+        "cifar",
+        "ResNet first layers: cifar (3x3 conv, stride 1, padding 1, no max-pool), cifar-pad2 (the "
+        "same with padding 2: solo-learn's and KRR-ST's CIFAR checkpoints), imagenet (7x7 conv, "
+        "stride 2, padding 3, then 3x3 max-pool, stride 2); the ConvNet takes only cifar",
+    )
+
+    def __post_init__(self) -> None:
+        """Width 0 -> the architecture's default width (an unknown arch keeps 0 for validate())."""
+        if self.width == 0:
+            self.width = DEFAULT_WIDTHS.get(self.arch, 0)
 
     def validate(self, prefix: str) -> None:
         """Raise ConfigError naming the first bad key (under ``prefix``)."""
         _one_of(self.arch, MODEL_NAMES, f"{prefix}.arch")
         check(self.width >= 1 and self.depth >= 1, prefix, "width and depth must be >= 1")
+        _one_of(self.stem, tuple(STEMS), f"{prefix}.stem")
+        check(
+            self.arch != "convnet" or self.stem == "cifar",
+            f"{prefix}.stem",
+            f"{self.stem} applies to ResNets only; the ConvNet has no stem option (leave it at cifar)",
+        )
 
 
 @dataclass
@@ -153,8 +183,8 @@ class TeacherConfig:
 
     checkpoint: str | None = opt(
         None,
-        "load this encoder (torchvision-style ResNet state dict, "
-        ".safetensors or .pt) instead of training one",
+        "load this ResNet encoder (.safetensors or torch file; torchvision, solo-learn, lightly or "
+        "f.N keys, see README) instead of training one; teacher.model.stem must name its first layers",
     )
     method: str = opt("barlow_twins", "SSL method: " + " or ".join(SSL_METHODS))
     model: ModelConfig = opt(ModelConfig(arch="resnet18", width=64), "teacher encoder")
@@ -251,13 +281,32 @@ class InitConfig:
 
     images: int = opt(
         1000,
-        "|D_syn|: the size of the initial subsets (high-loss and random), and so "
+        "|D_syn|: the size of the initial subsets (high-loss, random and SAS), and so "
         "of the distilled set and of the subset baselines",
+    )
+    sas_clusters: int | None = opt(
+        None,
+        "SAS subset: k, the latent classes found by k-means on the teacher's targets; null = the "
+        "dataset's number of classes (an assumption: MKDT uses no labels, so set k when the number "
+        "of classes is unknown or a different granularity is wanted)",
+    )
+    sas_views: int = opt(
+        2, "SAS subset: augmented views per image that estimate the expected augmentation similarity"
+    )
+    sas_proxy: str = opt(
+        "expert",
+        "SAS subset: the proxy encoder of the augmentation similarity: expert (expert 0 at its last "
+        "saved epoch, a KD student of the teacher; sas_views student passes over D_real) or teacher "
+        "(the teacher's features; sas_views teacher passes, slow on a CPU)",
     )
 
     def validate(self) -> None:
         """Raise ConfigError naming the first bad key of this section."""
-        _at_least(self, "init", ("images",))
+        _at_least(self, "init", ("images", "sas_views"))
+        check(
+            self.sas_clusters is None or self.sas_clusters >= 1, "init.sas_clusters", "must be null or >= 1"
+        )
+        _one_of(self.sas_proxy, SAS_PROXIES, "init.sas_proxy")
 
 
 @dataclass
@@ -267,7 +316,7 @@ class DistillConfig:
     init: str = opt(
         "high_loss",
         "initial images: high_loss (top KD loss under the experts' epoch-1 "
-        "weights) or random (a random real subset)",
+        "weights), random (a random real subset) or sas (the SAS subset)",
     )
     iterations: int = opt(5000, "trajectory-matching iterations")
     syn_steps: int = opt(40, "N: SGD steps on synthetic mini-batches per iteration")
@@ -303,6 +352,13 @@ class DistillConfig:
         "read the loss and alpha_syn back from the device (progress bar, "
         "divergence check) every this many iterations",
     )
+    snapshots: list[int] = opt(
+        [],
+        "iterations after which a copy of D_syn is written to distill/snapshot_<it>.safetensors "
+        "(the format of synthetic.safetensors), e.g. [1000] for the set of the paper's Table 5. "
+        "Not part of the definition: give it before distilling (a finished or resumed run does not "
+        "go back; `mkdt distill --force` does)",
+    )
 
     def validate(self) -> None:
         """Raise ConfigError naming the first bad key of this section."""
@@ -325,25 +381,66 @@ class DistillConfig:
         for key in ("lr_img", "lr_lr", "lr_init", "lr_targets"):
             _rate(getattr(self, key), f"distill.{key}")
         _momentum(self.momentum, "distill.momentum")
+        bad = [it for it in self.snapshots if not 1 <= it <= self.iterations]
+        check(not bad, "distill.snapshots", f"iterations {bad} are outside [1, distill.iterations]")
+
+
+@dataclass
+class FinetuneConfig:
+    """The fine-tuning protocol's recipe (KRR-ST's, docs/method.md §5): used when
+    ``evaluate.protocols`` lists ``finetune``."""
+
+    steps: int = opt(
+        10000,
+        "SGD steps of each fine-tuning (KRR-ST: 10000 for CIFAR-10/100 and TinyImageNet, 5000 for "
+        "the fine-grained tasks)",
+    )
+    lr: float = opt(0.01, "SGD learning rate, annealed to 0 by a cosine schedule over the steps")
+    momentum: float = opt(0.9, "SGD momentum")
+    weight_decay: float = opt(5e-4, "SGD weight decay (every parameter)")
+    batch_size: int = opt(256, "labelled images per step (the last batch of a pass over them may be smaller)")
+    augment: bool = opt(
+        True,
+        "augment each batch: random crop of the zero-padded images (4 px, image side / 8 below 32 px) "
+        "and horizontal flip",
+    )
+
+    def validate(self) -> None:
+        """Raise ConfigError naming the first bad key of this section."""
+        _at_least(self, "evaluate.finetune", ("steps", "batch_size"))
+        _rate(self.lr, "evaluate.finetune.lr")
+        _momentum(self.momentum, "evaluate.finetune.momentum")
+        check(
+            math.isfinite(self.weight_decay) and self.weight_decay >= 0,
+            "evaluate.finetune.weight_decay",
+            "must be a finite number >= 0",
+        )
 
 
 @dataclass
 class EvaluateConfig:
-    """Stage 6: pre-training on each set and linear probes."""
+    """Stage 6: pre-training on each set, then linear probes (and fine-tuning)."""
 
     methods: list[str] = opt(
         list(EVAL_METHODS),
         "pre-training sets to compare: "
         + ", ".join(EVAL_METHODS + OPTIONAL_METHODS)
-        + " (mtt_ssl: the set of `mkdt analyze mtt`, not run by default)",
+        + " (mtt_ssl: the set of `mkdt analyze mtt`, not run by default), and ext:NAME for each "
+        "set imported with `mkdt import NAME SOURCE`",
     )
     tasks: list[str] | None = opt(
         None,
         "downstream tasks as dataset names, or name=root for data "
         "elsewhere (default: the pre-training dataset)",
     )
+    missing_tasks: str = opt(
+        "error",
+        "a task whose files are not found (at its root, or at its default place for a name alone): "
+        "error (refuse before any compute) or skip (evaluate the others; one line per skipped task "
+        "says how to provide it, the results name it; `mkdt evaluate --force` adds it later)",
+    )
     label_fractions: list[float] = opt(
-        [0.01, 0.05], "fractions of each task's training labels the linear probe sees"
+        [0.01, 0.05], "fractions of each task's training labels the linear probe (and fine-tuning) sees"
     )
     class_balanced: bool = opt(False, "sample the labelled fraction class-balanced")
     seeds: int = opt(3, "seeds per setting (each changes the label subset and the pre-training)")
@@ -355,14 +452,23 @@ class EvaluateConfig:
     weight_decay: float = opt(1e-4, "KD pre-training weight decay")
     probe_l2: float = opt(1e-3, "L2 penalty of the linear probe's weights")
     probe_max_iter: int = opt(100, "LBFGS iterations of the linear probe")
+    protocols: list[str] = opt(
+        ["probe"],
+        "downstream protocols, each reported in its own records and table: probe (linear probe on "
+        "the frozen features), finetune (a copy of the encoder and a new linear head trained on the "
+        "same labelled images, recipe evaluate.finetune)",
+    )
+    finetune: FinetuneConfig = opt(FinetuneConfig(), "fine-tuning recipe (when protocols lists finetune)")
 
     def validate(self) -> None:
         """Raise ConfigError naming the first bad key of this section."""
-        bad = sorted(set(self.methods) - set(EVAL_METHODS + OPTIONAL_METHODS))
+        known = set(EVAL_METHODS + OPTIONAL_METHODS)
+        bad = sorted(m for m in set(self.methods) if m not in known and external_name(m) is None)
         check(
             bool(self.methods) and not bad,
             "evaluate.methods",
-            f"{bad or 'empty'}: choose from {', '.join(EVAL_METHODS + OPTIONAL_METHODS)}",
+            f"{bad or 'empty'}: choose from {', '.join(EVAL_METHODS + OPTIONAL_METHODS)}, or "
+            "ext:NAME (an imported set; NAME of letters, digits, _ . -)",
         )
         check(
             bool(self.label_fractions) and all(0 < f <= 1 for f in self.label_fractions),
@@ -372,6 +478,7 @@ class EvaluateConfig:
         check(self.tasks is None or len(self.tasks) > 0, "evaluate.tasks", "must be null or non-empty")
         for entry in self.tasks or ():
             check_task(entry)
+        _one_of(self.missing_tasks, MISSING_TASKS, "evaluate.missing_tasks")
         _at_least(self, "evaluate", ("seeds", "epochs", "batch_size", "probe_max_iter"))
         check(
             self.lr > 0 and 0 <= self.momentum < 1 and self.weight_decay >= 0 and self.probe_l2 >= 0,
@@ -380,6 +487,14 @@ class EvaluateConfig:
         )
         if self.model is not None:
             self.model.validate("evaluate.model")
+        bad_protocols = sorted(set(self.protocols) - set(PROTOCOLS))
+        check(
+            bool(self.protocols) and not bad_protocols and len(set(self.protocols)) == len(self.protocols),
+            "evaluate.protocols",
+            f"{bad_protocols or self.protocols or 'empty'}: must be a non-empty list of distinct protocols "
+            f"from {', '.join(PROTOCOLS)}",
+        )
+        self.finetune.validate()
 
 
 @dataclass

@@ -170,6 +170,14 @@ def load_dataset(
     return data
 
 
+def locate_dataset(name: str, root: str | os.PathLike[str] | None = None) -> Path | None:
+    """Where `load_dataset(name, root)` would read the dataset's files (None for datasets that need
+    none), found without decoding anything; DataError saying what is missing when they are not
+    there."""
+    _, spec, root_path = _resolve(name, root)
+    return spec.locate(root_path)
+
+
 def _resolve(name: str, root: str | os.PathLike[str] | None) -> tuple[str, DatasetSpec, Path | None]:
     """Registry name, spec and root for a dataset name or a path to an ImageFolder tree/archive."""
     spec = DATASETS.get(name)

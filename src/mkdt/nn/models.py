@@ -1,11 +1,13 @@
-"""Networks: the dataset-distillation student ConvNet and CIFAR-stem ResNets.
+"""Networks: the dataset-distillation student ConvNet and ResNets.
 
 - :class:`ConvNet` is the standard dataset-distillation ConvNet (docs/method.md §3): ``depth`` blocks of
   Conv 3x3 -> instance norm (GroupNorm with one group per channel, affine) -> ReLU -> AvgPool 2x2,
   then a linear head that regresses the teacher's 512-d features. ConvNetD3 on 3x32x32 has
   1,348,608 parameters.
-- :class:`ResNet` is a ResNet with the CIFAR stem (3x3 conv, stride 1, no max-pool) whose parameter
-  and buffer names match ``torchvision.models.resnet18`` so torchvision-style state dicts load.
+- :class:`ResNet` is a ResNet whose parameter and buffer names match ``torchvision.models.resnet18``
+  so torchvision-style state dicts load. Its first layers are one of :data:`STEMS`: the CIFAR stem
+  (3x3 conv, stride 1, padding 1, no max-pool; the default), the same with padding 2 (the CIFAR
+  checkpoints of solo-learn and KRR-ST), or torchvision's ImageNet stem.
 
 Every model exposes ``features(x)`` (penultimate features, the ones that are probed / regressed) and
 ``feature_dim``; ``forward(x) = head(features(x))``.
@@ -18,12 +20,33 @@ matching.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, Protocol, cast
 
 import torch
 from torch import nn
 
 MODEL_NAMES: tuple[str, ...] = ("convnet", "resnet10", "resnet18")
+DEFAULT_WIDTHS: dict[str, int] = {"convnet": 128, "resnet10": 64, "resnet18": 64}  # the paper's
+
+
+@dataclass(frozen=True)
+class Stem:
+    """A ResNet's first layers: ``conv1`` (kernel, stride, padding), then a 3x3 max-pool of stride 2
+    and padding 1 when ``maxpool``. None of it changes a parameter's name or shape except the
+    kernel size of ``conv1.weight``."""
+
+    kernel: int
+    stride: int
+    padding: int
+    maxpool: bool
+
+
+STEMS: dict[str, Stem] = {
+    "cifar": Stem(3, 1, 1, maxpool=False),
+    "cifar-pad2": Stem(3, 1, 2, maxpool=False),
+    "imagenet": Stem(7, 2, 3, maxpool=True),
+}
 
 
 class ConvNet(nn.Module):
@@ -135,7 +158,7 @@ class BasicBlock(nn.Module):
 
 
 class ResNet(nn.Module):
-    """ResNet with BasicBlocks and the CIFAR stem (conv 3x3 stride 1, no max-pool).
+    """ResNet with BasicBlocks and the first layers ``STEMS[stem]`` (default: the CIFAR stem).
 
     Stages have widths ``width * (1, 2, 4, 8)`` and strides (1, 2, 2, 2); features are the global
     average-pooled output of the last stage, shape (B, 8 * width). ``fc`` is
@@ -149,16 +172,20 @@ class ResNet(nn.Module):
         width: int = 64,
         in_channels: int = 3,
         out_dim: int | None = None,
+        stem: str = "cifar",
     ) -> None:
         super().__init__()
-        if len(layers) != 4 or min(layers) < 1 or width < 1 or in_channels < 1:
+        if len(layers) != 4 or min(layers) < 1 or width < 1 or in_channels < 1 or stem not in STEMS:
             raise ValueError(
-                f"ResNet needs 4 stage depths >= 1 and width, in_channels >= 1, got "
-                f"layers={layers}, width={width}, in_channels={in_channels}"
+                f"ResNet needs 4 stage depths >= 1, width, in_channels >= 1 and a stem in "
+                f"{', '.join(STEMS)}, got layers={layers}, width={width}, in_channels={in_channels}, "
+                f"stem={stem!r}"
             )
-        self.conv1 = nn.Conv2d(in_channels, width, 3, stride=1, padding=1, bias=False)
+        s = STEMS[stem]
+        self.conv1 = nn.Conv2d(in_channels, width, s.kernel, stride=s.stride, padding=s.padding, bias=False)
         self.bn1 = nn.BatchNorm2d(width)
         self.relu = nn.ReLU(inplace=True)
+        self.maxpool: nn.Module = nn.MaxPool2d(3, stride=2, padding=1) if s.maxpool else nn.Identity()
         planes = [width, 2 * width, 4 * width, 8 * width]
         in_planes = width
         for i, (n_blocks, p, stride) in enumerate(zip(layers, planes, (1, 2, 2, 2), strict=True)):
@@ -182,7 +209,7 @@ class ResNet(nn.Module):
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """Global average-pooled output of the last stage, shape (B, 8 * width)."""
-        x = self.relu(self.bn1(self.conv1(x)))
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
         for i in range(1, 5):
             x = getattr(self, f"layer{i}")(x)
         return self.avgpool(x).flatten(1)
@@ -192,12 +219,12 @@ class ResNet(nn.Module):
 
 
 def resnet18(**kwargs: Any) -> ResNet:
-    """ResNet-18 (2, 2, 2, 2) with the CIFAR stem; keyword arguments go to :class:`ResNet`."""
+    """ResNet-18 (2, 2, 2, 2); keyword arguments go to :class:`ResNet`."""
     return ResNet(layers=(2, 2, 2, 2), **kwargs)
 
 
 def resnet10(**kwargs: Any) -> ResNet:
-    """ResNet-10 (1, 1, 1, 1) with the CIFAR stem; keyword arguments go to :class:`ResNet`."""
+    """ResNet-10 (1, 1, 1, 1); keyword arguments go to :class:`ResNet`."""
     return ResNet(layers=(1, 1, 1, 1), **kwargs)
 
 
@@ -209,23 +236,28 @@ def build_model(
     width: int,
     depth: int,
     out_dim: int | None,
+    stem: str = "cifar",
 ) -> nn.Module:
-    """Build a model by name (one of :data:`MODEL_NAMES`); ``depth`` only applies to the ConvNet."""
+    """Build a model by name (one of :data:`MODEL_NAMES`); ``depth`` only applies to the ConvNet,
+    ``stem`` (one of :data:`STEMS`) only to ResNets: the ConvNet refuses any but ``cifar``."""
     if arch == "convnet":
+        if stem != "cifar":
+            raise ValueError(f"the ConvNet has no stem option, got stem={stem!r}")
         return ConvNet(in_channels, image_size, width, depth, out_dim)
     if arch == "resnet18":
-        return resnet18(width=width, in_channels=in_channels, out_dim=out_dim)
+        return resnet18(width=width, in_channels=in_channels, out_dim=out_dim, stem=stem)
     if arch == "resnet10":
-        return resnet10(width=width, in_channels=in_channels, out_dim=out_dim)
+        return resnet10(width=width, in_channels=in_channels, out_dim=out_dim, stem=stem)
     raise ValueError(f"unknown model arch {arch!r}; choose one of {', '.join(MODEL_NAMES)}")
 
 
 class NetworkSpec(Protocol):
-    """A network's name and size (:class:`mkdt.config.ModelConfig`)."""
+    """A network's name, size and stem (:class:`mkdt.config.ModelConfig`)."""
 
     arch: str
     width: int
     depth: int
+    stem: str
 
 
 def build_network(spec: NetworkSpec, in_channels: int, image_size: int, out_dim: int | None) -> nn.Module:
@@ -237,6 +269,7 @@ def build_network(spec: NetworkSpec, in_channels: int, image_size: int, out_dim:
         width=spec.width,
         depth=spec.depth,
         out_dim=out_dim,
+        stem=spec.stem,
     )
 
 

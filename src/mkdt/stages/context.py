@@ -30,6 +30,8 @@ def check_budgets(config: Config, data: ImageData, stages: Iterable[str]) -> Non
         )
     if stages & {"init", "distill", "evaluate"} and config.init.images > n:
         raise ConfigError(f"init.images ({config.init.images}) is larger than D_real ({n} images)")
+    if "init" in stages and (k := config.init.sas_clusters or 0) > n:
+        raise ConfigError(f"init.sas_clusters ({k}) is larger than D_real ({n} images)")
     probes = "evaluate" in stages or ("teacher" in stages and config.teacher.probe)
     if probes and data.num_classes < 2:
         raise ConfigError(
@@ -54,10 +56,10 @@ def estimated_bytes(config: Config, data: ImageData, stage: str) -> int:
         return 4 * n * dim
     if stage == "experts":
         return 4 * config.experts.num_experts * len(config.expert_save_epochs()) * num_params(student)
-    if stage == "init":
-        return 4 * n + 16 * images
-    if stage == "distill":  # the set, its checkpoint (images, momentum) and the checkpoint's temp copy
-        return 4 * images * (c * size * size + dim) * 6
+    if stage == "init":  # the loss (N,) float32 and the INIT_METHODS subsets (n,) int64
+        return 4 * n + 24 * images
+    if stage == "distill":  # the set, its snapshots, its checkpoint (images, momentum) and its temp copy
+        return 4 * images * (c * size * size + dim) * (6 + len(config.distill.snapshots))
     return 1 << 20  # evaluate: JSON and markdown
 
 

@@ -4,12 +4,17 @@
 Pre-training sets (``evaluate.methods``):
 
 - ``no_pretrain``: none, the student stays at its seeded initialisation;
-- ``random`` / ``high_loss``: the real images chosen by the init stage with their teacher targets;
+- ``random`` / ``sas`` / ``high_loss``: the real images chosen by the init stage with their teacher
+  targets;
 - ``full``: all of D_real with all targets;
 - ``mkdt``: the distilled set (its images are already normalised) with its learned alpha_syn as
   learning rate (real sets use ``evaluate.lr``);
 - ``mtt_ssl`` (only when listed): the MTT-SSL set written by ``mkdt analyze mtt``, at its own lr
   (``evaluate.lr``); rerun this stage with ``--force`` after rerunning that analysis;
+- ``ext:NAME`` (only when listed): the set ``mkdt import NAME SOURCE`` wrote to
+  ``imported/NAME.safetensors`` (:mod:`mkdt.external`), at ``evaluate.lr``, or at its learned
+  step size when it was imported from another mkdt run; the same recipe and label subsets as the
+  other methods;
 - ``random@alpha`` / ``high_loss@alpha``: the lr-matched controls, the same real subsets
   pre-trained at MKDT's learned alpha_syn. MKDT's lead over them is what the distilled pixels
   carry; its lead over ``random`` and ``high_loss`` mixes that with the larger step size.
@@ -19,10 +24,17 @@ For every method and seed s < ``evaluate.seeds`` a student (``evaluate.model``, 
 trained ONCE with the KD loop (:func:`mkdt.train.kd.train_student`, batch order from
 ``derive_seed(seed, "evaluate", method, s, "batches")``). Its penultimate features are then probed
 on every task and label fraction as :mod:`mkdt.downstream` describes (labelled images drawn from
-``derive_seed(seed, "labels", task, fraction, s)``, the same for every method).
+``derive_seed(seed, "labels", task, fraction, s)``, the same for every method). With
+``evaluate.protocols`` listing ``finetune``, a copy of the same student (the probe sees the
+unchanged one) is also fine-tuned with a new linear head on the same labelled images
+(:mod:`mkdt.train.finetune`); its records carry ``protocol: finetune`` and get their own table. A
+task whose files are not found is refused before any compute, or with
+``evaluate.missing_tasks=skip`` left out and named under the table and in the record's
+``skipped_tasks``.
 
-Artifacts: ``evaluate/partial.json`` (every finished (method, seed) with its probe results, so an
-interrupted stage resumes), ``OUT/results.json`` and ``OUT/results.md`` (:mod:`mkdt.report`).
+Artifacts: ``evaluate/partial.json`` (every finished (method, seed) with its results under
+``probes``, one per protocol, task and fraction, so an interrupted stage resumes),
+``OUT/results.json`` and ``OUT/results.md`` (:mod:`mkdt.report`).
 """
 
 from __future__ import annotations
@@ -38,10 +50,18 @@ from mkdt import report
 from mkdt.config import Config
 from mkdt.data import ImageData
 from mkdt.data.real import RealData
-from mkdt.downstream import load_task, pretrain, probe, student_model, task_names, window_summary
+from mkdt.downstream import (
+    available_tasks,
+    finetune,
+    load_task,
+    pretrain,
+    probe,
+    student_model,
+    window_summary,
+)
 from mkdt.errors import TrainingDiverged
 from mkdt.files import fingerprint
-from mkdt.report import AT_ALPHA, LR_MATCHED
+from mkdt.report import AT_ALPHA, LR_MATCHED, external_name
 from mkdt.runtime import Runtime, progress
 from mkdt.stages.context import StageContext
 from mkdt.store import INIT_METHODS, RunDir, SyntheticSet
@@ -58,7 +78,7 @@ def pretraining_sets(
     """Each method's pre-training set (None for no_pretrain)."""
     methods, lr = config.evaluate.methods, config.evaluate.lr
     subsets = {m.removesuffix(AT_ALPHA) for m in methods} & set(INIT_METHODS)
-    indices = store.load_indices(config.init.images) if subsets else {}
+    indices = store.load_indices(config.init.images, subsets) if subsets else {}
     synthetic = store.load_synthetic() if {"mkdt", *LR_MATCHED} & set(methods) else None
     sets: dict[str, SyntheticSet | None] = {}
     for method in methods:
@@ -70,6 +90,8 @@ def pretraining_sets(
             sets[method] = store.load_mtt_ssl()
         elif method == "full":
             sets[method] = SyntheticSet(real.inputs, z, lr)
+        elif (name := external_name(method)) is not None:
+            sets[method] = store.load_imported(name, lr)
         else:
             idx = indices[method.removesuffix(AT_ALPHA)].to(real.device)
             step = synthetic.lr if method.endswith(AT_ALPHA) and synthetic is not None else lr
@@ -80,10 +102,26 @@ def pretraining_sets(
 # ---------------------------------------------------------------- stage
 
 
+def accuracy_phrase(config: Config) -> str:
+    """What the table's accuracies are: "Linear-probe test accuracy (%)" for the probe alone, with
+    fine-tuning its recipe too."""
+    protocols, f = config.evaluate.protocols, config.evaluate.finetune
+    if "finetune" not in protocols:
+        return "Linear-probe test accuracy (%)"
+    recipe = (
+        f"fine-tuning: {f.steps} SGD steps of batch {f.batch_size}, lr {f.lr:g} with cosine decay, "
+        f"momentum {f.momentum:g}, weight decay {f.weight_decay:g}, "
+        f"{'crop + flip augmentation' if f.augment else 'no augmentation'}"
+    )
+    both = "probe" in protocols
+    return f"Test accuracy (%) of the {'linear probe and of ' if both else ''}fine-tuning ({recipe})"
+
+
 def table_header(config: Config, data: ImageData, sets: dict[str, SyntheticSet | None]) -> str:
-    """The line above the results table: pre-training data, |D_syn|, seeds, learned lr."""
+    """The line above the results table: the protocols, pre-training data, |D_syn|, seeds, learned
+    lr."""
     parts = [
-        f"Linear-probe test accuracy (%), mean ± std over {config.evaluate.seeds} seed(s); "
+        f"{accuracy_phrase(config)}, mean ± std over {config.evaluate.seeds} seed(s); "
         f"{student_model(config).arch} students pre-trained on {config.data.name} "
         f"({data.num_train} images)"
     ]
@@ -92,6 +130,9 @@ def table_header(config: Config, data: ImageData, sets: dict[str, SyntheticSet |
     if (mkdt := sets.get("mkdt")) is not None:
         parts.append(f"MKDT learned lr {mkdt.lr:.4g}")
         parts.append(window_summary(config, data.num_train))
+    for method, pset in sets.items():
+        if external_name(method) is not None and pset is not None:
+            parts.append(f"{report.method_label(method)}: {len(pset.images)} images at lr {pset.lr:.4g}")
     return "; ".join(parts) + "."
 
 
@@ -119,6 +160,8 @@ def evaluate_one(
         student, kd_loss = pretrain(ctx.config, method, seed, pset, ctx.real.data, out_dim, rt)
         seconds = ctx.seconds() - t0
         probes = probe(ctx.config, student, tasks, seed, ctx.real.data, rt.device)
+        if "finetune" in ctx.config.evaluate.protocols:  # after the probe, on a copy of the student
+            probes += finetune(ctx.config, student, tasks, seed, ctx.real.data, rt)
         diverged = False
     except TrainingDiverged as exc:  # no accuracy is computed from a diverged encoder
         print(f"evaluate: {exc}; {method} seed {seed} is marked diverged in the results", file=sys.stderr)
@@ -147,11 +190,14 @@ def run(
     store = ctx.store
     if (done := ctx.finished(force, (store.partial_path,))) is not None:
         return done
+    entries, skipped = available_tasks(config)  # before any compute: missing_tasks=error raises
     rt, data = ctx.runtime, ctx.real.data
     z = store.load_targets(ctx.real.num_train).to(rt.device)
     sets = pretraining_sets(store, config, ctx.real, z)
-    tasks = {entry: load_task(config, entry, data) for entry in task_names(config)}
-    fp, v = fingerprint(ctx.spec), config.evaluate
+    tasks = {entry: load_task(config, entry, data) for entry in entries}
+    # a resume that finds a task skipped before starts over: its runs lack that task's probes
+    fp = fingerprint({**ctx.spec, "skipped_tasks": sorted(skipped)} if skipped else ctx.spec)
+    v = config.evaluate
     # every rank starts from rank 0's reading: rank 0 rewrites the file after each round, so a
     # rank reading it later would see fewer runs to do and fall out of step
     runs = rt.gather_objects(store.load_partial(fp) if rt.is_main else None)[0] or {}
@@ -171,14 +217,23 @@ def run(
     for r in runs.values():
         if r.get("diverged"):
             diverged_seeds.setdefault(r["method"], []).append(r["seed"])
-    records = report.build_records(probes, v.methods, list(tasks), v.label_fractions, diverged_seeds)
+    protocols = [p for p in report.PROTOCOLS if p in v.protocols]
+    records = report.build_records(
+        probes, v.methods, list(tasks), v.label_fractions, diverged_seeds, protocols
+    )
     table = report.results_table(records, table_header(config, data, sets))
     if margins := report.mkdt_margins(records):
         table += "\n" + margins
+    if skipped:
+        table += f"\nNot evaluated (files not found, evaluate.missing_tasks=skip): {', '.join(skipped)}.\n"
     if rt.is_main:
         store.save_results(records, table)
         print(table, end="")
     return ctx.finish(
-        {"results": records, "seconds_per_pretraining": pretraining_seconds(runs)},
+        {
+            "results": records,
+            "seconds_per_pretraining": pretraining_seconds(runs),
+            "skipped_tasks": list(skipped),
+        },
         (store.path / "results.json", store.path / "results.md"),
     )

@@ -14,13 +14,25 @@ from typing import Any
 import torch
 
 from mkdt.config import Config
+from mkdt.data import ImageData
 from mkdt.data.real import RealData
 from mkdt.nn.loading import load_encoder
 from mkdt.runtime import Runtime
 from mkdt.stages.context import StageContext
+from mkdt.store import RunDir
 from mkdt.train.kd import encode
 
 STAGE = "targets"
+
+
+def teacher_targets(
+    config: Config, store: RunDir, data: ImageData, inputs: torch.Tensor, desc: str | None = None
+) -> torch.Tensor:
+    """The KD targets of ``inputs`` (normalised images shaped like D_real's, on the device that
+    encodes them): the features of the run's teacher in eval mode, (n, D) float32 on the CPU. The
+    stage encodes D_real with it; ``mkdt import`` encodes sets that come without targets."""
+    encoder = load_encoder(store.encoder_path, config.teacher.model, data.channels, data.image_size)
+    return encode(encoder.to(inputs.device), inputs, config.targets.batch_size, desc=desc)
 
 
 def run(
@@ -35,12 +47,10 @@ def run(
     ctx = StageContext(STAGE, config, out, real, runtime)
     if (done := ctx.finished(force)) is not None:
         return done
-    data = ctx.real.data
-    encoder = load_encoder(ctx.store.encoder_path, config.teacher.model, data.channels, data.image_size)
     rt, inputs = ctx.runtime, ctx.real.inputs
     rows = -(-len(inputs) // rt.world)  # rank r encodes rows [r * rows, (r + 1) * rows)
     mine = inputs[rt.rank * rows : (rt.rank + 1) * rows] if rt.distributed else inputs
-    targets = encode(encoder.to(rt.device), mine, config.targets.batch_size, desc="targets")
+    targets = teacher_targets(config, ctx.store, ctx.real.data, mine, desc="targets")
     if rt.distributed:
         targets = torch.cat(rt.gather_objects(targets))
     if rt.is_main:

@@ -19,7 +19,7 @@ import os
 import time
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
 
 import torch
@@ -255,6 +255,7 @@ class Distiller:
 
     ``runtime`` runs the inner steps' forward passes under its autocast (the caller lays the
     images out with ``runtime.images``); parameters, gradients and the matching loss stay float32.
+    ``pixel_std`` (the data's per-channel std) puts :meth:`pixel_change` in pixel units.
 
     The expert epochs a segment can start or end at (0 .. T+ - 1 + M) of every trajectory are
     stacked once into one (K, T+ + M, P) bank, kept on the synthetic set's device when it takes at
@@ -272,6 +273,7 @@ class Distiller:
         gen: torch.Generator,
         backend: str = "recompute",
         runtime: Runtime | None = None,
+        pixel_std: Sequence[float] | None = None,
     ) -> None:
         self.student, self.recipe, self.gen = student, recipe, gen
         self.runtime = runtime or Runtime(images.device)
@@ -282,6 +284,9 @@ class Distiller:
         fits = bank.numel() * bank.element_size() <= device_memory_bytes(device) // 4
         self.bank = bank.to(device) if fits else bank
         self.images = images.detach().clone().requires_grad_(True)
+        self.init_images = images.detach()
+        std = pixel_std if pixel_std is not None else (1.0,) * images.shape[1]
+        self.pixel_std = torch.tensor(std, dtype=images.dtype, device=device).view(1, -1, 1, 1)
         self.targets = targets.detach().clone().requires_grad_(recipe.learn_targets)
         self.lr = torch.tensor(recipe.lr_init, device=device, requires_grad=True)
         self.opt_images = torch.optim.SGD([self.images], lr=recipe.lr_img, momentum=recipe.momentum)
@@ -297,9 +302,9 @@ class Distiller:
         opts: dict[str, torch.optim.Optimizer] = {"images": self.opt_images, "lr": self.opt_lr}
         return opts | ({"targets": self.opt_targets} if self.opt_targets is not None else {})
 
-    def _draw(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def draw(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(B,) experts k and (B,) start epochs s, uniform over the K experts and {0..T+-1}, on the
-        generator's device."""
+        generator's device (what :meth:`step` draws first when it is not given them)."""
         g, r = self.gen, self.recipe
         ks = torch.randint(len(self.bank), (r.trajectories,), generator=g, device=g.device)
         ss = torch.randint(r.max_start_epoch, (r.trajectories,), generator=g, device=g.device)
@@ -307,19 +312,25 @@ class Distiller:
 
     def draw_segments(self) -> list[tuple[int, int]]:
         """``distill.trajectories`` pairs (expert k, start epoch s), as :meth:`step` draws them."""
-        ks, ss = self._draw()
+        ks, ss = self.draw()
         return list(zip(ks.tolist(), ss.tolist(), strict=True))
 
-    def step(self) -> torch.Tensor:
-        """One iteration: draw B segments, match them, update pixels, alpha_syn (and Z_syn).
-        Returns the matching loss as a 0-dim tensor on the device (reading it syncs).
+    def pixel_change(self) -> torch.Tensor:
+        """Mean |x - x_init| over the synthetic images, 0-dim on the device: in pixel units (0-1)
+        when the constructor was given the data's ``pixel_std``, else in normalised units."""
+        return ((self.images.detach() - self.init_images).abs() * self.pixel_std).mean()
+
+    def step(self, drawn: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """One iteration: match B segments (``drawn`` by :meth:`draw`, drawn here when None),
+        update pixels, alpha_syn (and Z_syn). Returns the matching loss as a 0-dim tensor on the
+        device (reading it syncs).
 
         Under torch.distributed every rank draws the same B segments and batches (the generator
         is seeded alike) and matches segments ``rank, rank + world, ...``; the gradients of the
         mean loss (each rank's share weighted by its number of segments) are summed over the
         ranks, so every rank takes the same update as one process matching all B."""
         r, device, rt = self.recipe, self.images.device, self.runtime
-        ks, ss = self._draw()
+        ks, ss = drawn if drawn is not None else self.draw()
         ks, ss = ks.to(self.bank.device), ss.to(self.bank.device)
         start = self.bank[ks, ss].to(device)
         target = self.bank[ks, ss + r.expert_epochs].to(device)
@@ -412,26 +423,90 @@ class Distiller:
 
 
 @dataclass
-class MatchingRun:
-    """What :func:`distill` did: the loss of every iteration, and timings of this process."""
+class History:
+    """Per-iteration record of a distillation (entry i is iteration i + 1): the matching loss,
+    alpha_syn and :meth:`Distiller.pixel_change` after the update, and the B segments' experts k
+    and start epochs s."""
 
-    history: list[float]
+    loss: list[float] = field(default_factory=list)
+    lr: list[float] = field(default_factory=list)
+    pixel_change: list[float] = field(default_factory=list)
+    experts: list[list[int]] = field(default_factory=list)
+    start_epochs: list[list[int]] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.loss)
+
+    def extend(self, rows: list[list[float]]) -> None:
+        """Append iterations read back from the device, each ``[loss, lr, change, k_1..k_B,
+        s_1..s_B]`` (see :func:`_iteration_row`)."""
+        for row in rows:
+            b = (len(row) - 3) // 2
+            self.loss.append(row[0])
+            self.lr.append(row[1])
+            self.pixel_change.append(row[2])
+            self.experts.append([int(k) for k in row[3 : 3 + b]])
+            self.start_epochs.append([int(s) for s in row[3 + b :]])
+
+    def state(self) -> dict[str, list[Any]]:
+        """The columns as a plain dict (what a checkpoint stores)."""
+        return asdict(self)
+
+    @classmethod
+    def from_state(cls, state: Any) -> History:
+        """Inverse of :meth:`state`; None (a fresh run) gives an empty history. A checkpoint of an
+        earlier mkdt, which kept the losses alone, raises ArtifactError."""
+        if state is None:
+            return cls()
+        if not isinstance(state, dict):
+            raise ArtifactError(
+                "the distillation checkpoint was written by an earlier mkdt (it lacks the "
+                "per-iteration history); rerun the distill stage with --force"
+            )
+        return cls(**state)
+
+
+def _iteration_row(
+    loss: torch.Tensor, distiller: Distiller, drawn: tuple[torch.Tensor, torch.Tensor]
+) -> torch.Tensor:
+    """One iteration's :class:`History` entry as one float64 vector on the device, so that a whole
+    block of iterations is read back with one sync (integers below 2^53 are exact)."""
+    stats = torch.stack([t.detach().double() for t in (loss, distiller.lr, distiller.pixel_change())])
+    return torch.cat([stats, drawn[0].double().to(stats.device), drawn[1].double().to(stats.device)])
+
+
+@dataclass
+class MatchingRun:
+    """What :func:`distill` did: the history of every iteration, and timings of this process."""
+
+    history: History
     iterations_run: int
     seconds: float
     seconds_first_iteration: float | None
 
 
-def distill(distiller: Distiller, checkpoint: PeriodicCheckpoint) -> MatchingRun:
+def distill(
+    distiller: Distiller,
+    checkpoint: PeriodicCheckpoint,
+    on_history: Callable[[History, int], None] | None = None,
+    on_iteration: Callable[[int], None] | None = None,
+) -> MatchingRun:
     """Run ``distiller`` for ``recipe.iterations`` iterations, resuming from ``checkpoint``.
 
-    Losses stay on the device and are read back every ``recipe.log_every`` iterations and at each
-    checkpoint (progress bar, divergence check); a non-finite loss or alpha_syn raises
-    ArtifactError naming the options to lower.
+    The :class:`History` stays on the device and is read back every ``recipe.log_every``
+    iterations and at each checkpoint (progress bar, divergence check); a non-finite loss or
+    alpha_syn raises ArtifactError naming the options to lower. ``on_history(history, since)`` is
+    called once after resuming with ``since=0`` (the history the checkpoint holds) and then before
+    each checkpoint is written with the number of entries it had at the previous call, so that a
+    writer can append the new ones; ``on_iteration(done)`` after every update (e.g. snapshots).
     """
     r = distiller.recipe
     resumed = checkpoint.resume({"distiller": distiller})
     start_iter = resumed.get("iteration", 0)
-    history: list[float] = list(resumed.get("history", []))
+    history = History.from_state(resumed.get("history"))
+    if on_history is not None:
+        on_history(history, 0)
+    written = len(history)
     pending: list[torch.Tensor] = []
     start = time.perf_counter()
     first: float | None = None  # seconds of this process's first iteration (warm-up included)
@@ -443,24 +518,30 @@ def distill(distiller: Distiller, checkpoint: PeriodicCheckpoint) -> MatchingRun
         unit="it",
     )
     for it in bar:
-        pending.append(distiller.step().detach())
+        drawn = distiller.draw()
+        pending.append(_iteration_row(distiller.step(drawn), distiller, drawn))
         done = it + 1
+        if on_iteration is not None:
+            on_iteration(done)
         save = checkpoint.due(done, r.iterations)
         if first is None or save or done % r.log_every == 0 or done == r.iterations:
-            history += torch.stack(pending).tolist()  # waits for the device
+            history.extend(torch.stack(pending).tolist())  # waits for the device
             pending.clear()
-            lr = distiller.lr.item()
             if first is None:
                 first = time.perf_counter() - start
-            if not all(map(math.isfinite, history[-r.log_every :])) or not math.isfinite(lr):
+            recent = history.loss[-r.log_every :] + history.lr[-1:]
+            if not all(map(math.isfinite, recent)):
                 raise ArtifactError(
                     f"distillation diverged by iteration {done} (non-finite loss or "
                     "alpha_syn); lower distill.lr_img or distill.lr_lr and rerun with "
                     "--force"
                 )
-            bar.set_postfix(loss=f"{history[-1]:.4f}", lr=f"{lr:.4f}")
+            bar.set_postfix(loss=f"{history.loss[-1]:.4f}", lr=f"{history.lr[-1]:.4f}")
         if save:
-            checkpoint.save({"distiller": distiller}, iteration=done, history=history)
+            if on_history is not None:
+                on_history(history, written)
+            written = len(history)
+            checkpoint.save({"distiller": distiller}, iteration=done, history=history.state())
     return MatchingRun(history, r.iterations - start_iter, time.perf_counter() - start, first)
 
 
