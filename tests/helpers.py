@@ -61,14 +61,18 @@ def load_indices(run: RunDir, config: Config) -> dict[str, torch.Tensor]:
 
 
 @contextmanager
-def interrupted_after_first_checkpoint(monkeypatch):
-    """Inside the block, the first periodic checkpoint is written and then KeyboardInterrupt is
-    raised, like a user stopping a run right after a checkpoint; the block expects it."""
+def interrupted_after_first_checkpoint(monkeypatch, saves=1):
+    """Inside the block, the first periodic checkpoint (the first ``saves`` ones) is written and
+    then KeyboardInterrupt is raised, like a user stopping a run right after a checkpoint; the
+    block expects it."""
     real_save = checkpoint.save_checkpoint
+    written = []
 
     def save_then_interrupt(path, state):
         real_save(path, state)
-        raise KeyboardInterrupt
+        written.append(path)
+        if len(written) == saves:
+            raise KeyboardInterrupt
 
     monkeypatch.setattr(checkpoint, "save_checkpoint", save_then_interrupt)
     with pytest.raises(KeyboardInterrupt):

@@ -15,7 +15,10 @@ network by ``evaluate.model`` or, when that is null, ``experts.student``; its pr
 (so runs made before fine-tuning existed stay valid); a dataset given by a path by that path and
 its files' names and sizes (:func:`mkdt.data.registry.source_identity`).
 Which epochs the experts store is not part of their definition: stages that read an epoch check
-that it was stored.
+that it was stored. Nor are the variants the distill stage makes (``distill.variants``): a variant
+is the stage's definition with ``distill.init`` replaced by its subset (its checkpoint is checked
+against that), the stage's record lists the variants made, and adding one to a finished stage makes
+it alone, leaving the main set and the records after the stage valid.
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ from typing import Any
 from mkdt.config import Config
 from mkdt.data.registry import source_identity
 from mkdt.files import file_sha256
-from mkdt.report import LR_MATCHED, PROTOCOLS
+from mkdt.report import LR_MATCHED, PROTOCOLS, VARIANTS
 from mkdt.store import INIT_METHODS
 
 RUNTIME_KEYS = ("device", "precision", "channels_last", "compile")
@@ -111,6 +114,7 @@ STAGES: dict[str, Stage] = {
                 "distill.log_every",
                 "distill.check_window",
                 "distill.snapshots",
+                "distill.variants",  # each variant is defined by the stage's definition and its subset
             ),
         ),
         Stage(
@@ -121,7 +125,7 @@ STAGES: dict[str, Stage] = {
             settings=(*RUNTIME_KEYS, "evaluate.missing_tasks"),  # the skipped tasks are in the record
             reads_if=(
                 ("init", _evaluates(*INIT_METHODS, *LR_MATCHED)),
-                ("distill", _evaluates("mkdt", *LR_MATCHED)),
+                ("distill", _evaluates("mkdt", *LR_MATCHED, *VARIANTS)),
             ),
         ),
     )

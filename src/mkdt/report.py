@@ -28,6 +28,9 @@ METHOD_NAMES = {
     "high_loss": "high-loss subset",
     "random@alpha": "random subset @ MKDT's lr",
     "high_loss@alpha": "high-loss subset @ MKDT's lr",
+    "mkdt_high_loss": "MKDT (high-loss init)",
+    "mkdt_random": "MKDT (random init)",
+    "mkdt_sas": "MKDT (SAS init)",
     "mkdt": "MKDT",
     "mtt_ssl": "MTT-SSL",
     "full": "full data",
@@ -43,7 +46,12 @@ EVAL_METHODS = (
     "mkdt",
 )
 """What the evaluate stage runs; ``X@alpha`` is subset X pre-trained at MKDT's learned alpha_syn."""
-OPTIONAL_METHODS = ("mtt_ssl",)  # accepted by evaluate.methods, not run by default
+VARIANTS = ("mkdt_high_loss", "mkdt_random", "mkdt_sas")
+"""MKDT distilled from another init subset by the same distill stage (``distill.variants``):
+``mkdt_<subset>``, pre-trained at its own learned alpha_syn (the paper's "MKDT (Rnd Sub)" is
+``mkdt_random``)."""
+VARIANT_PREFIX = "mkdt_"
+OPTIONAL_METHODS = ("mtt_ssl", *VARIANTS)  # accepted by evaluate.methods, not run by default
 AT_ALPHA = "@alpha"
 LR_MATCHED = ("random@alpha", "high_loss@alpha")  # the lr-matched controls
 EXTERNAL = "ext:"
@@ -159,7 +167,11 @@ def _record(
 def mkdt_margins(records: Sequence[dict[str, Any]]) -> str:
     """Lines saying, per protocol, task and label fraction, MKDT's mean minus each same-size
     baseline's mean (``full`` is an upper reference, not a baseline) and which baselines MKDT does
-    not beat; the lines of fine-tuning records say "(fine-tuning)". "" without MKDT records."""
+    not beat; the lines of fine-tuning records say "(fine-tuning)". "" without MKDT records.
+
+    The :data:`VARIANTS` (MKDT from another init subset) are compared like baselines: MKDT's lead
+    over "MKDT (random init)" is what starting from ``distill.init`` rather than the random subset
+    adds."""
     return "".join(
         _margins([r for r in records if protocol_of(r) == p], "" if p == "probe" else " (fine-tuning)")
         for p in PROTOCOLS
@@ -197,6 +209,11 @@ def _margins(records: Sequence[dict[str, Any]], tag: str) -> str:
 def fraction_label(fraction: float) -> str:
     """0.01 -> "1%", 0.5 -> "50%", 0.001 -> "0.1%"."""
     return f"{100 * fraction:.6g}%"
+
+
+def variant_init(method: str) -> str | None:
+    """The init subset of a :data:`VARIANTS` method ("mkdt_random" -> "random"); None otherwise."""
+    return method.removeprefix(VARIANT_PREFIX) if method in VARIANTS else None
 
 
 def external_name(method: str) -> str | None:

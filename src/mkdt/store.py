@@ -14,6 +14,7 @@ Stages talk to each other only through this store. Layout of a run directory ``O
     OUT/distill/grid.png, checkpoint.pt      the distilled images; resumable matching state
     OUT/distill/history.csv                  per iteration: loss, alpha_syn, pixel change, segments
     OUT/distill/snapshot_<it>.safetensors    the set after iteration <it> (``distill.snapshots``)
+    OUT/distill/variants/<init>/             the same files for each of ``distill.variants``
     OUT/evaluate/partial.json                finished (method, seed) evaluations
     OUT/results.json, OUT/results.md         the evaluation's records and table
     OUT/imported/<name>.safetensors          a set of ``mkdt import``, evaluated as ``ext:<name>``
@@ -123,10 +124,14 @@ def _git_state() -> dict[str, Any]:
 
 
 class RunDir:
-    """A run directory: stage records, compatibility checks, the manifest, typed artifacts."""
+    """A run directory: stage records, compatibility checks, the manifest, typed artifacts.
 
-    def __init__(self, path: str | Path) -> None:
+    ``variant_init`` (see :meth:`variant`) moves the distilled set's files, and only those, to the
+    folder of that distill variant."""
+
+    def __init__(self, path: str | Path, variant_init: str | None = None) -> None:
         self.path = Path(path).expanduser()
+        self.variant_init = variant_init
 
     # ------------------------------------------------------------ stage records
 
@@ -404,23 +409,40 @@ class RunDir:
 
     # ------------------------------------------------------------ distill
 
+    def variant(self, init: str) -> RunDir:
+        """The run directory as distill variant ``init`` (``distill.variants``) sees it: its set,
+        grid, checkpoint, history and snapshots (the paths, readers and writers below) are those
+        in ``distill/variants/<init>/``; every other path is the run's."""
+        return RunDir(self.path, init)
+
+    def variants_on_disk(self) -> list[str]:
+        """The init subsets that have a folder in ``distill/variants/`` (finished or not)."""
+        folder = self.stage_dir("distill") / "variants"
+        return sorted(p.name for p in folder.glob("*") if p.is_dir() and p.name in INIT_METHODS)
+
+    @property
+    def distill_dir(self) -> Path:
+        """``distill/``, or ``distill/variants/<init>/`` for a :meth:`variant`."""
+        folder = self.stage_dir("distill")
+        return folder if self.variant_init is None else folder / "variants" / self.variant_init
+
     @property
     def synthetic_path(self) -> Path:
         """``distill/synthetic.safetensors``: the distilled set."""
-        return self.stage_dir("distill") / "synthetic.safetensors"
+        return self.distill_dir / "synthetic.safetensors"
 
     @property
     def distill_checkpoint_path(self) -> Path:
         """``distill/checkpoint.pt``: the resumable matching state."""
-        return self.stage_dir("distill") / "checkpoint.pt"
+        return self.distill_dir / "checkpoint.pt"
 
     def snapshot_path(self, iteration: int) -> Path:
         """``distill/snapshot_<iteration>.safetensors``: the set after that iteration."""
-        return self.stage_dir("distill") / f"snapshot_{iteration}.safetensors"
+        return self.distill_dir / f"snapshot_{iteration}.safetensors"
 
     def snapshot_paths(self) -> list[Path]:
         """Every snapshot file in ``distill/``."""
-        return sorted(self.stage_dir("distill").glob("snapshot_*.safetensors"))
+        return sorted(self.distill_dir.glob("snapshot_*.safetensors"))
 
     def save_synthetic(
         self,
@@ -450,10 +472,21 @@ class RunDir:
         tensors = load_tensors(path or self.synthetic_path)[0]
         return SyntheticSet(tensors["images"], tensors["targets"], float(tensors["lr"]))
 
+    def load_variant(self, init: str) -> SyntheticSet:
+        """The set of distill variant ``init``; ArtifactError naming ``distill.variants`` and the
+        command that makes it when the finished distill stage's record does not list it."""
+        path = self.variant(init).synthetic_path
+        if str(path.relative_to(self.path)) not in (self.record("distill") or {}).get("artifacts", {}):
+            raise ArtifactError(
+                f"the distill stage in {self.path} has no variant {init}; list it in distill.variants "
+                f"and run `mkdt distill --out {self.path}` (the main set is kept)"
+            )
+        return self.load_synthetic(path)
+
     @property
     def history_path(self) -> Path:
         """``distill/history.csv``: one row per iteration (:data:`HISTORY_COLUMNS`)."""
-        return self.stage_dir("distill") / "history.csv"
+        return self.distill_dir / "history.csv"
 
     def write_history(self, history: History, since: int = 0) -> None:
         """``distill/history.csv``: with ``since=0`` the header and every entry of ``history``,
@@ -563,7 +596,7 @@ class RunDir:
     @property
     def grid_path(self) -> Path:
         """``distill/grid.png``: the distilled images as pixels."""
-        return self.stage_dir("distill") / "grid.png"
+        return self.distill_dir / "grid.png"
 
     def save_grid(
         self, images: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...], max_images: int = 400

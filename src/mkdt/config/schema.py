@@ -22,7 +22,7 @@ from mkdt.data.registry import dataset_names
 from mkdt.errors import ConfigError
 from mkdt.nn.models import DEFAULT_WIDTHS, MODEL_NAMES, STEMS
 from mkdt.nn.ssl import SSL_METHODS
-from mkdt.report import EVAL_METHODS, OPTIONAL_METHODS, PROTOCOLS, external_name
+from mkdt.report import EVAL_METHODS, OPTIONAL_METHODS, PROTOCOLS, external_name, variant_init
 from mkdt.runtime import PRECISIONS
 from mkdt.store import INIT_METHODS
 from mkdt.train.matching import BACKENDS
@@ -359,6 +359,13 @@ class DistillConfig:
         "Not part of the definition: give it before distilling (a finished or resumed run does not "
         "go back; `mkdt distill --force` does)",
     )
+    variants: list[str] = opt(
+        [],
+        'other init subsets to distill from as well, e.g. [random] for the paper\'s "MKDT (Rnd Sub)": '
+        "each the same matching (settings and seed) from that subset, into "
+        "distill/variants/<subset>/, evaluated as mkdt_<subset>. Not part of the definition: adding "
+        "one to a finished run distills it alone; the main set and the later stages stay valid",
+    )
 
     def validate(self) -> None:
         """Raise ConfigError naming the first bad key of this section."""
@@ -383,6 +390,13 @@ class DistillConfig:
         _momentum(self.momentum, "distill.momentum")
         bad = [it for it in self.snapshots if not 1 <= it <= self.iterations]
         check(not bad, "distill.snapshots", f"iterations {bad} are outside [1, distill.iterations]")
+        check(
+            set(self.variants) <= set(INIT_METHODS) - {self.init}
+            and len(set(self.variants)) == len(self.variants),
+            "distill.variants",
+            f"{self.variants}: each must be an init subset ({', '.join(INIT_METHODS)}) other than "
+            f"distill.init ({self.init}), listed once",
+        )
 
 
 @dataclass
@@ -425,8 +439,9 @@ class EvaluateConfig:
         list(EVAL_METHODS),
         "pre-training sets to compare: "
         + ", ".join(EVAL_METHODS + OPTIONAL_METHODS)
-        + " (mtt_ssl: the set of `mkdt analyze mtt`, not run by default), and ext:NAME for each "
-        "set imported with `mkdt import NAME SOURCE`",
+        + " (not run by default: mtt_ssl, the set of `mkdt analyze mtt`; mkdt_<subset>, MKDT "
+        "distilled from that init subset, listed in distill.variants), and ext:NAME for each set "
+        "imported with `mkdt import NAME SOURCE`",
     )
     tasks: list[str] | None = opt(
         None,
@@ -550,6 +565,14 @@ class Config:
         )
         missing = sorted(set(self.required_expert_epochs()) - set(self.expert_save_epochs()))
         check(not missing, "experts.save_epochs", f"must include {missing} (needed by init and distillation)")
+        for method in self.evaluate.methods:
+            init = variant_init(method)
+            check(
+                init is None or init in s.variants,
+                "evaluate.methods",
+                f"{method} needs distill.variants to list {init} (the distill stage makes that set); "
+                f"add it there or leave {method} out",
+            )
         return self
 
     def required_expert_epochs(self) -> list[int]:

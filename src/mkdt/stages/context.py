@@ -58,9 +58,17 @@ def estimated_bytes(config: Config, data: ImageData, stage: str) -> int:
         return 4 * config.experts.num_experts * len(config.expert_save_epochs()) * num_params(student)
     if stage == "init":  # the loss (N,) float32 and the INIT_METHODS subsets (n,) int64
         return 4 * n + 24 * images
-    if stage == "distill":  # the set, its snapshots, its checkpoint (images, momentum) and its temp copy
-        return 4 * images * (c * size * size + dim) * (6 + len(config.distill.snapshots))
+    if stage == "distill":  # the set and each of distill.variants
+        return distilled_set_bytes(config, data) * (1 + len(config.distill.variants))
     return 1 << 20  # evaluate: JSON and markdown
+
+
+def distilled_set_bytes(config: Config, data: ImageData) -> int:
+    """Disk space one set of the distill stage needs: the set, its snapshots, its checkpoint
+    (images, momentum) and its temporary copy."""
+    teacher = build_network(config.teacher.model, data.channels, data.image_size, None).to("meta")
+    pixels = data.channels * data.image_size**2
+    return 4 * config.init.images * (pixels + feature_dim(teacher)) * (6 + len(config.distill.snapshots))
 
 
 def check_disk(store: RunDir, needed: int, what: str) -> None:

@@ -7,13 +7,25 @@ set, with ``mean``/``std`` to map images back to pixels), ``distill/grid.png``, 
 after each iteration of ``distill.snapshots`` (``distill/snapshot_<it>.safetensors``, same format)
 and, every ``checkpoint_every`` iterations, the resumable ``distill/checkpoint.pt`` and the rows of
 ``distill/history.csv`` (per iteration: loss, alpha_syn, pixel change, the segments drawn).
+
+Each init subset of ``distill.variants`` (e.g. ``random``, the paper's "MKDT (Rnd Sub)") is then
+distilled the same way into ``distill/variants/<subset>/`` (the same files): the same settings and
+the same seed stream ``derive_seed(seed, "distill")`` (the same segments and batch orders), so a
+variant is the set a run with ``distill.init=<subset>`` makes, and differs from the main set by its
+initial images alone. Variants are not part of the stage's definition: the record lists those made
+(``result.variants``, their files under ``artifacts``), and a finished stage given a new variant
+distills that one alone.
 """
 
 from __future__ import annotations
 
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import torch
+from torch import nn
 
 from mkdt.config import Config
 from mkdt.data.real import RealData
@@ -21,9 +33,10 @@ from mkdt.files import fingerprint
 from mkdt.graph import defining
 from mkdt.nn.models import build_network
 from mkdt.runtime import Runtime, derive_seed, generator
-from mkdt.stages.context import StageContext
-from mkdt.store import SyntheticSet
+from mkdt.stages.context import StageContext, check_disk, distilled_set_bytes
+from mkdt.store import RunDir, SyntheticSet
 from mkdt.train.checkpoint import PeriodicCheckpoint
+from mkdt.train.kd import Trajectory
 from mkdt.train.matching import Distiller, History, distill, resolve_backend
 
 STAGE = "distill"
@@ -37,67 +50,129 @@ def run(
     real: RealData | None = None,
     runtime: Runtime | None = None,
 ) -> dict[str, Any]:
-    """Distill into ``out/distill``, resuming from its checkpoint; skip if done."""
+    """Distill into ``out/distill`` and each of ``distill.variants`` into
+    ``out/distill/variants/<subset>``, resuming from their checkpoints; skip what is done."""
     ctx = StageContext(STAGE, config, out, real, runtime)
-    store = ctx.store
-    scratch = (store.distill_checkpoint_path, *store.snapshot_paths())
-    if (done := ctx.finished(force, scratch)) is not None:
+    if (done := ctx.finished(force, scratch_files(ctx.store))) is not None:
+        return add_variants(ctx, done)
+    inputs = MatchingInputs.load(ctx)
+    result, artifacts = distill_set(ctx, inputs, ctx.store)
+    variants = {}
+    for init in config.distill.variants:
+        variants[init], made = distill_set(ctx, inputs, ctx.store.variant(init))
+        artifacts += made
+    return ctx.finish({**result, "variants": variants} if variants else result, artifacts)
+
+
+def add_variants(ctx: StageContext, done: dict[str, Any]) -> dict[str, Any]:
+    """The record of a finished stage, after distilling the variants of ``distill.variants`` it
+    does not list (the main set and the variants it lists are left as they are)."""
+    made = done["result"].get("variants", {})
+    missing = [init for init in ctx.config.distill.variants if init not in made]
+    if not missing:
         return done
-    r, rt, data = config.distill, ctx.runtime, ctx.real.data
-    indices = store.load_indices(config.init.images, [r.init])[r.init].to(rt.device)
-    z = store.load_targets(ctx.real.num_train).to(rt.device)
-    images = rt.images(ctx.real.inputs[indices])
-    fp, needed = fingerprint(defining(config, "experts")), config.required_expert_epochs()
-    trajectories = [store.load_expert(k, fp, needed) for k in range(config.experts.num_experts)]
-    student = build_network(config.experts.student, data.channels, data.image_size, z.shape[1]).to(rt.device)
-    backend = resolve_backend(r, student, images.shape[1:], rt.device, len(images))
+    store = ctx.store
+    check_disk(store, len(missing) * distilled_set_bytes(ctx.config, ctx.real.data), "distill.variants")
+    if ctx.runtime.is_main:
+        print(f"distill: the main set is done; adding distill.variants {', '.join(missing)}")
+    inputs = MatchingInputs.load(ctx)
+    variants, artifacts = dict(made), tuple(store.path / rel for rel in done["artifacts"])
+    for init in missing:
+        variants[init], files = distill_set(ctx, inputs, store.variant(init))
+        artifacts += files
+    ctx.start -= done["seconds"]  # the record's seconds: the earlier work and this addition
+    return ctx.finish({**done["result"], "variants": variants}, artifacts)
+
+
+def scratch_files(store: RunDir) -> tuple[Path, ...]:
+    """What ``--force`` removes: the checkpoint and snapshots of the main set and of every variant
+    on disk, listed or not (their sets are rewritten or, no longer recorded, never read)."""
+    views = [store, *(store.variant(init) for init in store.variants_on_disk())]
+    return tuple(path for v in views for path in (v.distill_checkpoint_path, *v.snapshot_paths()))
+
+
+@dataclass
+class MatchingInputs:
+    """What every set of the stage is matched with: the teacher targets of D_real, the experts'
+    trajectories, the student network and the resolved backend."""
+
+    z: torch.Tensor
+    trajectories: list[Trajectory]
+    student: nn.Module
+    backend: str
+
+    @classmethod
+    def load(cls, ctx: StageContext) -> MatchingInputs:
+        """Read the targets and experts of the run (the targets on the device)."""
+        config, rt, data = ctx.config, ctx.runtime, ctx.real.data
+        z = ctx.store.load_targets(ctx.real.num_train).to(rt.device)
+        fp, needed = fingerprint(defining(config, "experts")), config.required_expert_epochs()
+        trajectories = [ctx.store.load_expert(k, fp, needed) for k in range(config.experts.num_experts)]
+        student = build_network(config.experts.student, data.channels, data.image_size, z.shape[1])
+        student = student.to(rt.device)
+        shape = ctx.real.inputs.shape[1:]
+        backend = resolve_backend(config.distill, student, shape, rt.device, config.init.images)
+        return cls(z, trajectories, student, backend)
+
+
+def distill_set(
+    ctx: StageContext, inputs: MatchingInputs, files: RunDir
+) -> tuple[dict[str, Any], tuple[Path, ...]]:
+    """Distill the set that starts from the init subset ``files.variant_init`` (``distill.init``
+    for the run's own ``files``) into ``files``' distill folder, resuming from its checkpoint, which
+    holds the stage's definition with that subset as ``distill.init``; returns (the set's part of
+    the record, its artifacts)."""
+    config, r, rt, data = ctx.config, ctx.config.distill, ctx.runtime, ctx.real.data
+    init = files.variant_init or r.init
+    indices = ctx.store.load_indices(config.init.images, [init])[init].to(rt.device)
     distiller = Distiller(
-        student,
-        images,
-        z[indices],
-        trajectories,
+        inputs.student,
+        rt.images(ctx.real.inputs[indices]),
+        inputs.z[indices],
+        inputs.trajectories,
         r,
         generator(derive_seed(config.seed, "distill"), rt.device),
-        backend,
+        inputs.backend,
         rt,
         data.std,
     )
+    spec = {**ctx.spec, "distill": {**ctx.spec["distill"], "init": init}}
     checkpoint = PeriodicCheckpoint(
-        store.distill_checkpoint_path, ctx.spec, r.checkpoint_every, STAGE, rt.is_main
+        files.distill_checkpoint_path, spec, r.checkpoint_every, STAGE, rt.is_main
     )
 
     def write_history(history: History, since: int) -> None:
         if rt.is_main:
-            store.write_history(history, since)
+            files.write_history(history, since)
 
     def snapshot(done: int) -> None:
         if rt.is_main and done in r.snapshots:
-            store.save_synthetic(current(distiller), data.mean, data.std, done, store.snapshot_path(done))
+            files.save_synthetic(current(distiller), data.mean, data.std, done, files.snapshot_path(done))
 
     matched = distill(distiller, checkpoint, write_history, snapshot)
     final = current(distiller)
     if rt.is_main:
-        store.save_synthetic(final, data.mean, data.std, r.iterations)
-        store.save_grid(final.images, data.mean, data.std)
-    snapshots = existing_snapshots(ctx) if rt.is_main else []
+        files.save_synthetic(final, data.mean, data.std, r.iterations)
+        files.save_grid(final.images, data.mean, data.std)
+    snapshots = existing_snapshots(ctx, files) if rt.is_main else []
     history = matched.history.loss
     window = max(1, min(50, len(history) // 5))
     result = {
         "learned_lr": final.lr,
         "iterations": r.iterations,
-        "backend": backend,
+        "backend": inputs.backend,
         "loss_first": sum(history[:window]) / window,
         "loss_last": sum(history[-window:]) / window,
         "seconds_per_iteration": matched.seconds / max(1, matched.iterations_run),
         "seconds_first_iteration": matched.seconds_first_iteration,
     }
     if rt.is_main:
+        name = "distill" if files.variant_init is None else f"distill ({init} init, distill.variants)"
         print(
-            f"distill: loss {result['loss_first']:.4f} -> {result['loss_last']:.4f} "
+            f"{name}: loss {result['loss_first']:.4f} -> {result['loss_last']:.4f} "
             f"(mean of {window} its), learned lr {final.lr:.4f}"
         )
-    artifacts = (store.synthetic_path, store.grid_path, store.history_path, *snapshots)
-    return ctx.finish(result, artifacts)
+    return result, (files.synthetic_path, files.grid_path, files.history_path, *snapshots)
 
 
 def current(distiller: Distiller) -> SyntheticSet:
@@ -107,10 +182,11 @@ def current(distiller: Distiller) -> SyntheticSet:
     )
 
 
-def existing_snapshots(ctx: StageContext) -> list[Path]:
-    """The snapshot files of ``distill.snapshots``; a warning names those a run resumed past before
-    the setting was given could not write (``--force`` writes them)."""
-    wanted = {it: ctx.store.snapshot_path(it) for it in ctx.config.distill.snapshots}
+def existing_snapshots(ctx: StageContext, files: RunDir) -> list[Path]:
+    """The snapshot files of ``distill.snapshots`` in ``files``' distill folder; a warning names
+    those a run resumed past before the setting was given could not write (``--force`` writes
+    them)."""
+    wanted = {it: files.snapshot_path(it) for it in ctx.config.distill.snapshots}
     missing = [it for it, path in wanted.items() if not path.is_file()]
     if missing:
         print(

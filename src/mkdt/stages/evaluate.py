@@ -9,6 +9,9 @@ Pre-training sets (``evaluate.methods``):
 - ``full``: all of D_real with all targets;
 - ``mkdt``: the distilled set (its images are already normalised) with its learned alpha_syn as
   learning rate (real sets use ``evaluate.lr``);
+- ``mkdt_<subset>`` (only when listed, and listed in ``distill.variants``): the distill stage's
+  variant that starts from that init subset (``distill/variants/<subset>/``), at its own learned
+  alpha_syn, e.g. ``mkdt_random``, the paper's "MKDT (Rnd Sub)";
 - ``mtt_ssl`` (only when listed): the MTT-SSL set written by ``mkdt analyze mtt``, at its own lr
   (``evaluate.lr``); rerun this stage with ``--force`` after rerunning that analysis;
 - ``ext:NAME`` (only when listed): the set ``mkdt import NAME SOURCE`` wrote to
@@ -61,7 +64,7 @@ from mkdt.downstream import (
 )
 from mkdt.errors import TrainingDiverged
 from mkdt.files import fingerprint
-from mkdt.report import AT_ALPHA, LR_MATCHED, external_name
+from mkdt.report import AT_ALPHA, LR_MATCHED, VARIANTS, external_name, variant_init
 from mkdt.runtime import Runtime, progress
 from mkdt.stages.context import StageContext
 from mkdt.store import INIT_METHODS, RunDir, SyntheticSet
@@ -92,6 +95,8 @@ def pretraining_sets(
             sets[method] = SyntheticSet(real.inputs, z, lr)
         elif (name := external_name(method)) is not None:
             sets[method] = store.load_imported(name, lr)
+        elif (init := variant_init(method)) is not None:
+            sets[method] = store.load_variant(init)
         else:
             idx = indices[method.removesuffix(AT_ALPHA)].to(real.device)
             step = synthetic.lr if method.endswith(AT_ALPHA) and synthetic is not None else lr
@@ -125,12 +130,14 @@ def table_header(config: Config, data: ImageData, sets: dict[str, SyntheticSet |
         f"{student_model(config).arch} students pre-trained on {config.data.name} "
         f"({data.num_train} images)"
     ]
-    if set(sets) & {*INIT_METHODS, "mkdt"}:
+    if set(sets) & {*INIT_METHODS, *VARIANTS, "mkdt"}:
         parts.append(f"|D_syn| = {config.init.images}")
     if (mkdt := sets.get("mkdt")) is not None:
         parts.append(f"MKDT learned lr {mkdt.lr:.4g}")
         parts.append(window_summary(config, data.num_train))
     for method, pset in sets.items():
+        if variant_init(method) is not None and pset is not None:
+            parts.append(f"{report.method_label(method)} learned lr {pset.lr:.4g}")
         if external_name(method) is not None and pset is not None:
             parts.append(f"{report.method_label(method)}: {len(pset.images)} images at lr {pset.lr:.4g}")
     return "; ".join(parts) + "."
