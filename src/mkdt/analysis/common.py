@@ -67,3 +67,9 @@ def int_list(text: str) -> list[int]:
         return [int(x) for x in text.split(",") if x.strip()]
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def comma_list(value: Any) -> tuple[str, list[str]]:
+    """An option given as ``"a,b"`` or a list: (its text, the stripped non-empty items)."""
+    text = ",".join(value) if isinstance(value, (tuple, list)) else str(value)
+    return text, [m.strip() for m in text.split(",") if m.strip()]

@@ -101,7 +101,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mkdt.analysis.common import open_run
+from mkdt.analysis.common import comma_list, open_run
 from mkdt.config import Config
 from mkdt.data.real import RealData
 from mkdt.errors import ArtifactError, ConfigError, TrainingDiverged
@@ -218,9 +218,7 @@ def parse_options(args: argparse.Namespace) -> Options:
         value = getattr(args, name, None)
         return getattr(d, name) if value is None else value
 
-    text = get("methods")
-    text = ",".join(text) if isinstance(text, (tuple, list)) else str(text)
-    methods = [m.strip() for m in text.split(",") if m.strip()]
+    text, methods = comma_list(get("methods"))
     bad = sorted(set(methods) - set(METHODS))
     if not methods or bad or len(set(methods)) != len(methods):
         raise ConfigError(

@@ -76,7 +76,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mkdt.analysis.common import open_run
+from mkdt.analysis.common import comma_list, open_run
 from mkdt.config import Config
 from mkdt.data.real import RealData
 from mkdt.errors import ConfigError, TrainingDiverged
@@ -232,9 +232,7 @@ def parse_options(args: argparse.Namespace) -> Options:
         value = getattr(args, name, None)
         return getattr(d, name) if value is None else value
 
-    text = get("methods")
-    text = ",".join(text) if isinstance(text, (tuple, list)) else str(text)
-    methods = [m.strip() for m in text.split(",") if m.strip()]
+    text, methods = comma_list(get("methods"))
     o = Options(
         tuple(m for m in METHODS if m in methods),  # in METHODS order (variance.json sorts its keys)
         int(get("runs")),
