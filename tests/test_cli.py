@@ -4,7 +4,7 @@ import pytest
 
 from mkdt.cli import main
 from mkdt.config import Config, iter_fields, preset_description, preset_names
-from mkdt.report import EVAL_METHODS
+from mkdt.methods import EVAL_METHODS
 from tests.helpers import TINY
 
 

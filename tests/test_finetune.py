@@ -4,13 +4,14 @@ import shutil
 import pytest
 import torch
 
-from mkdt import report
 from mkdt.config import load_config
 from mkdt.data import load_dataset
 from mkdt.errors import ConfigError
 from mkdt.files import read_json
 from mkdt.graph import defining
+from mkdt.methods import PROTOCOL_TITLES
 from mkdt.nn.models import ConvNet
+from mkdt.results import build_records, make_record, mkdt_margins, results_table
 from mkdt.runtime import generator, seeded
 from mkdt.stages import evaluate, targets, teacher
 from mkdt.store import RunDir
@@ -164,30 +165,27 @@ def test_the_recipe_defines_the_evaluation_only_when_it_fine_tunes():
 
 
 def test_records_and_tables_keep_probe_results_apart():
-    probe = [
-        report.make_record(m, "c10", 0.01, [0, 1], [a, a + 2]) for m, a in (("random", 30), ("mkdt", 33))
-    ]
+    probe = [make_record(m, "c10", 0.01, [0, 1], [a, a + 2]) for m, a in (("random", 30), ("mkdt", 33))]
     legacy = [{k: v for k, v in r.items() if k != "protocol"} for r in probe]  # results.json of before
     tuned = [
-        report.make_record(m, "c10", 0.01, [0, 1], [a, a], "finetune")
-        for m, a in (("random", 50), ("mkdt", 49))
+        make_record(m, "c10", 0.01, [0, 1], [a, a], "finetune") for m, a in (("random", 50), ("mkdt", 49))
     ]
-    probe_table = report.results_table(legacy, "Header.")
-    assert probe_table == report.results_table(probe, "Header.")
+    probe_table = results_table(legacy, "Header.")
+    assert probe_table == results_table(probe, "Header.")
     assert probe_table.startswith("Header.\n\n| labels |") and "Linear probe" not in probe_table
     rows = probe_table.removeprefix("Header.\n\n")
-    both = report.results_table(legacy + tuned, "Header.")
-    title = report.PROTOCOL_TITLES["finetune"]
+    both = results_table(legacy + tuned, "Header.")
+    title = PROTOCOL_TITLES["finetune"]
     assert both.startswith(f"Header.\n\nLinear probe:\n\n{rows}\n{title}:\n\n| labels |")
     assert "| 1% | MKDT | 49.00 ± 0.00 |" in both.split(title)[1]
-    margins = report.mkdt_margins(legacy + tuned).splitlines()
+    margins = mkdt_margins(legacy + tuned).splitlines()
     assert margins[0] == "MKDT minus each baseline, c10 1% labels: random subset +3.00"
     assert margins[2] == "MKDT minus each baseline (fine-tuning), c10 1% labels: random subset -1.00"
     assert margins[3].startswith("MKDT does not beat (fine-tuning): random subset")
     results = [{"method": "mkdt", "seed": 0, "task": "c10", "label_fraction": 0.01, "accuracy": 40.0}]
-    assert [r["protocol"] for r in report.build_records(results, ["mkdt"], ["c10"], [0.01])] == ["probe"]
+    assert [r["protocol"] for r in build_records(results, ["mkdt"], ["c10"], [0.01])] == ["probe"]
     with pytest.raises(ValueError, match="no finetune results for mkdt"):
-        report.build_records(results, ["mkdt"], ["c10"], [0.01], protocols=["probe", "finetune"])
+        build_records(results, ["mkdt"], ["c10"], [0.01], protocols=["probe", "finetune"])
 
 
 @pytest.fixture(scope="module")

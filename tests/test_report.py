@@ -2,8 +2,7 @@ import math
 
 import pytest
 
-from mkdt import report
-from mkdt.report import build_records, fraction_label, make_record, results_table, summarise
+from mkdt.results import build_records, fraction_label, make_record, mkdt_margins, results_table, summarise
 
 
 def test_summarise_uses_the_sample_std():
@@ -92,14 +91,14 @@ def test_table_without_header_and_unknown_method_last():
 
 def test_mkdt_margins_name_the_baselines_mkdt_does_not_beat():
     runs = (("no_pretrain", [30, 32]), ("random", [28, 28]), ("mkdt", [31, 31]), ("full", [40, 40]))
-    records = [report.make_record(m, "c10", 0.01, [0, 1], accs) for m, accs in runs]
-    text = report.mkdt_margins(records)
+    records = [make_record(m, "c10", 0.01, [0, 1], accs) for m, accs in runs]
+    text = mkdt_margins(records)
     assert "c10 1% labels: no pre-training +0.00, random subset +3.00" in text
     assert "full data" not in text.splitlines()[0]
     assert text.splitlines()[-1].startswith("MKDT does not beat: no pre-training")
-    records[2] = report.make_record("mkdt", "c10", 0.01, [0, 1], [35, 35])
-    assert report.mkdt_margins(records).splitlines()[-1].startswith("MKDT beats every baseline")
-    assert report.mkdt_margins(records[:2]) == ""
+    records[2] = make_record("mkdt", "c10", 0.01, [0, 1], [35, 35])
+    assert mkdt_margins(records).splitlines()[-1].startswith("MKDT beats every baseline")
+    assert mkdt_margins(records[:2]) == ""
 
 
 def test_bold_marks_the_best_same_size_method_of_each_column():

@@ -8,14 +8,14 @@ import shutil
 import pytest
 import torch
 
-from mkdt import report
 from mkdt.config import load_config
 from mkdt.errors import ArtifactError, ConfigError
 from mkdt.graph import STAGES, defining
+from mkdt.methods import INIT_METHODS, VARIANTS, method_label, method_order, parse_method
 from mkdt.pipeline import run_stages
 from mkdt.stages import distill, evaluate, experts, init, targets, teacher
 from mkdt.stages.context import estimated_bytes
-from mkdt.store import INIT_METHODS, RunDir
+from mkdt.store import RunDir
 from tests.helpers import interrupted_after_first_checkpoint, real_data, tiny_config
 
 SETTINGS = ["teacher.probe=false", "distill.snapshots=[1]", "distill.check_window=false"]
@@ -186,9 +186,9 @@ def test_a_variant_method_needs_its_variant_and_variants_need_other_subsets(tmp_
 
 
 def test_variant_methods_name_every_init_subset_and_sit_before_mkdt():
-    assert report.VARIANTS == tuple(f"mkdt_{subset}" for subset in INIT_METHODS)
-    assert report.method_label("mkdt_random") == "MKDT (random init)"
-    assert report.variant_init("mkdt_sas") == "sas" and report.variant_init("mkdt") is None
-    assert report.method_order("mkdt_random") < report.method_order("mkdt")
+    assert VARIANTS == tuple(f"mkdt_{subset}" for subset in INIT_METHODS)
+    assert method_label("mkdt_random") == "MKDT (random init)"
+    assert parse_method("mkdt_sas").subset == "sas" and parse_method("mkdt").subset is None
+    assert method_order("mkdt_random") < method_order("mkdt")
     table2 = load_config("table2-cifar100")
     assert table2.distill.variants == ["random"] and "mkdt_random" in table2.evaluate.methods

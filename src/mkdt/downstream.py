@@ -27,10 +27,10 @@ from mkdt.config.schema import parse_task
 from mkdt.data import ImageData, load_dataset
 from mkdt.data.registry import locate_dataset
 from mkdt.errors import ConfigError, DataError
+from mkdt.methods import parse_method
 from mkdt.nn.models import build_network
-from mkdt.report import external_name
 from mkdt.runtime import Runtime, derive_seed, generator, seeded
-from mkdt.store import INIT_METHODS, SyntheticSet
+from mkdt.store import SyntheticSet
 from mkdt.train.finetune import FinetuneRecipe, fine_tune, top1_accuracy
 from mkdt.train.kd import KDRecipe, encode, train_student
 from mkdt.train.probe import linear_probe
@@ -105,9 +105,9 @@ def pretrain(
         gen,
         desc=f"pre-train {method} (seed {seed})",
         runtime=runtime,
-        lr_key="evaluate.lr"
-        if method in ("full", "mtt_ssl") or method in INIT_METHODS or external_name(method)
-        else f"distill.lr_lr ({method} pre-trains at MKDT's learned alpha_syn)",
+        lr_key=f"distill.lr_lr ({method} pre-trains at MKDT's learned alpha_syn)"
+        if parse_method(method).distilled_step
+        else "evaluate.lr",
     )
     return student, trajectory.loss.tolist()
 

@@ -10,7 +10,7 @@ as ``experts.lr: 0.1 -> 0.05``). ``settings`` are keys a stage uses that do not 
 (speed, layout, logging). A few values are resolved rather than copied (:func:`_resolved`): a teacher
 loaded from a checkpoint is defined by the file's sha256 and its architecture; the evaluation's
 network by ``evaluate.model`` or, when that is null, ``experts.student``; its protocols by
-``evaluate.protocols`` in the order of :data:`mkdt.report.PROTOCOLS`, with the fine-tuning recipe
+``evaluate.protocols`` in the order of :data:`mkdt.methods.PROTOCOLS`, with the fine-tuning recipe
 ``evaluate.finetune`` only when they list ``finetune``, and neither when they are ``[probe]`` alone
 (so runs made before fine-tuning existed stay valid); a dataset given by a path by that path and
 its files' names and sizes (:func:`mkdt.data.registry.source_identity`).
@@ -32,8 +32,7 @@ from typing import Any
 from mkdt.config import Config
 from mkdt.data.registry import source_identity
 from mkdt.files import file_sha256
-from mkdt.report import LR_MATCHED, PROTOCOLS, VARIANTS
-from mkdt.store import INIT_METHODS
+from mkdt.methods import INIT_METHODS, LR_MATCHED, PROTOCOLS, VARIANTS
 
 RUNTIME_KEYS = ("device", "precision", "channels_last", "compile")
 DATA_SOURCE_KEYS = ("data.root", "data.download", "data.cache_dir")

@@ -57,10 +57,10 @@ from mkdt.files import (
     write_json,
     write_text,
 )
+from mkdt.methods import INIT_METHODS
 from mkdt.train.kd import Trajectory
 from mkdt.train.matching import History
 
-INIT_METHODS = ("high_loss", "random", "sas")  # the subsets the init stage stores (tensor names)
 HISTORY_COLUMNS = ("iteration", "loss", "alpha_syn", "pixel_change", "experts", "start_epochs")
 
 
@@ -270,13 +270,18 @@ class RunDir:
         """``analysis/``: the tables, numbers and plots of ``mkdt analyze``."""
         return self.path / "analysis"
 
+    @property
+    def manifest_path(self) -> Path:
+        """``manifest.json``: the config, seed, code version and every finished stage's record."""
+        return self.path / "manifest.json"
+
     def is_run(self) -> bool:
         """Whether the folder is a run directory: every command writes config.yaml or manifest.json."""
-        return self.config_path.is_file() or (self.path / "manifest.json").is_file()
+        return self.config_path.is_file() or self.manifest_path.is_file()
 
     def write_manifest(self, config: dict[str, Any], stages: list[str]) -> None:
         """manifest.json: the config, seed, code version, creation time and every stage's record."""
-        path = self.path / "manifest.json"
+        path = self.manifest_path
         created = read_json(path).get("created", now()) if path.is_file() else now()
         records = {s: r for s in stages if (r := self.record(s)) is not None}
         write_json(
@@ -633,7 +638,7 @@ class RunDir:
 
     @property
     def results_path(self) -> Path:
-        """``results.json``: the evaluation's records (:mod:`mkdt.report`)."""
+        """``results.json``: the evaluation's records (:mod:`mkdt.results`)."""
         return self.path / "results.json"
 
     @property
@@ -642,7 +647,7 @@ class RunDir:
         return self.path / "results.md"
 
     def save_results(self, records: list[dict[str, Any]], table: str) -> None:
-        """``results.json`` (the records of :mod:`mkdt.report`) and ``results.md`` (the table)."""
+        """``results.json`` (the records of :mod:`mkdt.results`) and ``results.md`` (the table)."""
         write_json(self.results_path, records)
         write_text(self.results_table_path, table)
 

@@ -37,7 +37,7 @@ from mkdt.errors import ConfigError
 from mkdt.files import atomic_path, fingerprint, read_json, write_json, write_text
 from mkdt.graph import defining
 from mkdt.nn.models import build_network
-from mkdt.report import protocol_of
+from mkdt.results import protocol_of
 from mkdt.runtime import Runtime, progress
 from mkdt.store import SyntheticSet
 

@@ -3,8 +3,9 @@
 One default :class:`Config` holds every key, grouped by stage; its defaults are the paper's
 CIFAR-10 settings (docs/method.md). Every section has a ``validate()`` that raises
 :class:`ConfigError` naming the first bad key; :meth:`Config.validate` runs them all, then the
-checks that span sections. Vocabularies (model names, SSL methods, backends, evaluation methods)
-come from the modules that own them.
+checks that span sections. Vocabularies come from the modules that own them (model names, SSL
+methods), or from :mod:`mkdt.methods` (evaluation methods and protocols, init subsets, backends, SAS
+proxies), so the config does not import the training library or the run directory's store.
 """
 
 from __future__ import annotations
@@ -20,13 +21,20 @@ import torch
 
 from mkdt.data.registry import dataset_names
 from mkdt.errors import ConfigError
+from mkdt.methods import (
+    BACKENDS,
+    EVAL_METHODS,
+    INIT_METHODS,
+    METHOD_CHOICES,
+    OPTIONAL_METHODS,
+    PROTOCOLS,
+    SAS_PROXIES,
+    is_method,
+    parse_method,
+)
 from mkdt.nn.models import DEFAULT_WIDTHS, MODEL_NAMES, STEMS
 from mkdt.nn.ssl import SSL_METHODS
-from mkdt.report import EVAL_METHODS, OPTIONAL_METHODS, PROTOCOLS, external_name, variant_init
 from mkdt.runtime import PRECISIONS
-from mkdt.store import INIT_METHODS
-from mkdt.train.matching import BACKENDS
-from mkdt.train.sas import SAS_PROXIES
 
 
 def opt(default: Any, help: str) -> Any:  # noqa: A002 - mirrors argparse's vocabulary
@@ -477,13 +485,11 @@ class EvaluateConfig:
 
     def validate(self) -> None:
         """Raise ConfigError naming the first bad key of this section."""
-        known = set(EVAL_METHODS + OPTIONAL_METHODS)
-        bad = sorted(m for m in set(self.methods) if m not in known and external_name(m) is None)
+        bad = sorted(m for m in set(self.methods) if not is_method(m))
         check(
             bool(self.methods) and not bad,
             "evaluate.methods",
-            f"{bad or 'empty'}: choose from {', '.join(EVAL_METHODS + OPTIONAL_METHODS)}, or "
-            "ext:NAME (an imported set; NAME of letters, digits, _ . -)",
+            f"{bad or 'empty'}: choose from {METHOD_CHOICES}",
         )
         check(
             bool(self.label_fractions) and all(0 < f <= 1 for f in self.label_fractions),
@@ -565,13 +571,12 @@ class Config:
         )
         missing = sorted(set(self.required_expert_epochs()) - set(self.expert_save_epochs()))
         check(not missing, "experts.save_epochs", f"must include {missing} (needed by init and distillation)")
-        for method in self.evaluate.methods:
-            init = variant_init(method)
+        for method in map(parse_method, self.evaluate.methods):
             check(
-                init is None or init in s.variants,
+                method.source != "variant" or method.subset in s.variants,
                 "evaluate.methods",
-                f"{method} needs distill.variants to list {init} (the distill stage makes that set); "
-                f"add it there or leave {method} out",
+                f"{method.name} needs distill.variants to list {method.subset} (the distill stage makes "
+                f"that set); add it there or leave {method.name} out",
             )
         return self
 

@@ -28,7 +28,7 @@ from PIL import Image
 
 from mkdt.errors import ArtifactError, ConfigError
 from mkdt.files import load_tensors, save_tensors, write_error, write_text
-from mkdt.report import external_name
+from mkdt.methods import is_method, parse_method
 from mkdt.store import RunDir
 
 SUMMARY = "write a run's pre-training set as PNG files plus targets.safetensors (readable by mkdt import)"
@@ -68,11 +68,13 @@ def main(args: argparse.Namespace) -> None:
 
 def set_path(store: RunDir, name: str) -> Path:
     """The file of a run's set ``name``; ArtifactError naming the command that makes it when absent."""
-    if name == "mkdt":
+    method = parse_method(name) if is_method(name) else None
+    source, ext = (method.source, method.external) if method is not None else (None, None)
+    if source == "distill":
         path, command = store.synthetic_path, f"mkdt distill --out {store.path}"
-    elif name == "mtt_ssl":
+    elif source == "mtt":
         path, command = store.mtt_ssl_path, f"mkdt analyze mtt --out {store.path}"
-    elif (ext := external_name(name)) is not None:
+    elif ext is not None:
         path, command = store.imported_path(ext), f"mkdt import {ext} SOURCE --out {store.path}"
     else:
         raise ConfigError(f"--set {name!r}: choose mkdt, mtt_ssl or ext:NAME")

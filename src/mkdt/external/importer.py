@@ -34,7 +34,7 @@ from mkdt.external import sources
 from mkdt.external.sources import KINDS, SCALES, Found
 from mkdt.files import read_json, write_json
 from mkdt.graph import defining
-from mkdt.report import EXTERNAL, external_name
+from mkdt.methods import external_method, is_method
 from mkdt.runtime import Runtime
 from mkdt.stages.targets import teacher_targets
 from mkdt.store import RunDir, SyntheticSet, now
@@ -84,7 +84,7 @@ def main(args: argparse.Namespace, config: Config) -> None:
     print(
         f"imported {meta['images']} images from {meta['source']} ({meta['kind']}) into "
         f"{RunDir(args.out).imported_path(args.name)}; targets from {meta['targets']}, pre-trained at "
-        f"{lr}; evaluate it with evaluate.methods=[..., {EXTERNAL}{args.name}]"
+        f"{lr}; evaluate it with evaluate.methods=[..., {external_method(args.name)}]"
     )
 
 
@@ -103,7 +103,7 @@ def import_set(
     """Write ``out/imported/<name>.safetensors`` from ``source`` (see the module docstring) and
     return its metadata. Needs the run's finished targets stage (checked against ``config``);
     an existing set of that name is replaced only with ``force``."""
-    if external_name(EXTERNAL + name) is None:
+    if not is_method(external_method(name)):
         raise ConfigError(f"NAME {name!r} is not a valid name: use letters, digits, _ . - (e.g. krr_st)")
     path = Path(source).expanduser()
     if not path.exists():
@@ -136,7 +136,7 @@ def import_set(
     }
     lr = found.lr if found.lr is not None else config.evaluate.lr
     store.save_imported(name, SyntheticSet(found.images, targets, lr), meta)
-    forget_evaluations(store, EXTERNAL + name)
+    forget_evaluations(store, external_method(name))
     return meta
 
 

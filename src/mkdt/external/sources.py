@@ -78,8 +78,8 @@ def infer_kind(source: Path) -> str:
     holding ``distill/synthetic.safetensors`` or ``manifest.json`` is a run, any other folder an
     image folder."""
     if source.is_dir():
-        run = RunDir(source).synthetic_path.is_file() or (source / "manifest.json").is_file()
-        return "run" if run else "folder"
+        store = RunDir(source)
+        return "run" if store.synthetic_path.is_file() or store.manifest_path.is_file() else "folder"
     suffix = source.suffix.lower()
     if suffix == ".npy":
         return "indices" if _read_npy(source, mmap=True).ndim == 1 else "tensors"

@@ -24,9 +24,9 @@ from typing import Any
 
 from mkdt.errors import ArtifactError
 from mkdt.files import write_text
-from mkdt.report import results_table
 from mkdt.reporting.html import page
 from mkdt.reporting.runs import RunReport, note
+from mkdt.results import results_table
 from mkdt.store import RunDir
 
 TITLE = "MKDT report"

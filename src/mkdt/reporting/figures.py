@@ -17,7 +17,8 @@ import torch
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from mkdt.report import fraction_label, method_label, method_order, protocol_of
+from mkdt.methods import method_label, method_order
+from mkdt.results import fraction_label, protocol_of
 from mkdt.train.matching import History
 
 MIN_IMAGE_PX = 64

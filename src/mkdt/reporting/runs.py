@@ -19,9 +19,10 @@ from mkdt.data.real import load_real
 from mkdt.errors import ArtifactError, ConfigError, MkdtError
 from mkdt.files import load_tensors
 from mkdt.graph import STAGES
-from mkdt.report import mkdt_margins
+from mkdt.methods import INIT_METHODS
 from mkdt.reporting import figures
-from mkdt.store import INIT_METHODS, RunDir
+from mkdt.results import mkdt_margins
+from mkdt.store import RunDir
 
 Part = Callable[[], list[str]]
 

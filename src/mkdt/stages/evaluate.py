@@ -37,7 +37,7 @@ task whose files are not found is refused before any compute, or with
 
 Artifacts: ``evaluate/partial.json`` (every finished (method, seed) with its results under
 ``probes``, one per protocol, task and fraction, so an interrupted stage resumes),
-``OUT/results.json`` and ``OUT/results.md`` (:mod:`mkdt.report`).
+``OUT/results.json`` and ``OUT/results.md`` (:mod:`mkdt.results`).
 """
 
 from __future__ import annotations
@@ -49,7 +49,6 @@ from typing import Any
 
 import torch
 
-from mkdt import report
 from mkdt.config import Config
 from mkdt.data import ImageData
 from mkdt.data.real import RealData
@@ -64,10 +63,11 @@ from mkdt.downstream import (
 )
 from mkdt.errors import TrainingDiverged
 from mkdt.files import fingerprint
-from mkdt.report import AT_ALPHA, LR_MATCHED, VARIANTS, external_name, variant_init
+from mkdt.methods import INIT_METHODS, PROTOCOLS, parse_method
+from mkdt.results import build_records, mkdt_margins, results_table
 from mkdt.runtime import Runtime, progress
 from mkdt.stages.context import StageContext
-from mkdt.store import INIT_METHODS, RunDir, SyntheticSet
+from mkdt.store import RunDir, SyntheticSet
 
 STAGE = "evaluate"
 
@@ -79,28 +79,29 @@ def pretraining_sets(
     store: RunDir, config: Config, real: RealData, z: torch.Tensor
 ) -> dict[str, SyntheticSet | None]:
     """Each method's pre-training set (None for no_pretrain)."""
-    methods, lr = config.evaluate.methods, config.evaluate.lr
-    subsets = {m.removesuffix(AT_ALPHA) for m in methods} & set(INIT_METHODS)
+    lr = config.evaluate.lr
+    methods = [parse_method(name) for name in config.evaluate.methods]
+    subsets = {m.subset for m in methods if m.source == "init" and m.subset is not None}
     indices = store.load_indices(config.init.images, subsets) if subsets else {}
-    synthetic = store.load_synthetic() if {"mkdt", *LR_MATCHED} & set(methods) else None
+    synthetic = store.load_synthetic() if any(m.step_size == "alpha" for m in methods) else None
     sets: dict[str, SyntheticSet | None] = {}
-    for method in methods:
-        if method == "no_pretrain":
-            sets[method] = None
-        elif method == "mkdt":
-            sets[method] = synthetic
-        elif method == "mtt_ssl":
-            sets[method] = store.load_mtt_ssl()
-        elif method == "full":
-            sets[method] = SyntheticSet(real.inputs, z, lr)
-        elif (name := external_name(method)) is not None:
-            sets[method] = store.load_imported(name, lr)
-        elif (init := variant_init(method)) is not None:
-            sets[method] = store.load_variant(init)
-        else:
-            idx = indices[method.removesuffix(AT_ALPHA)].to(real.device)
-            step = synthetic.lr if method.endswith(AT_ALPHA) and synthetic is not None else lr
-            sets[method] = SyntheticSet(real.inputs[idx], z[idx], step)
+    for m in methods:
+        if m.source == "distill":
+            sets[m.name] = synthetic
+        elif m.source == "mtt":
+            sets[m.name] = store.load_mtt_ssl()
+        elif m.source == "data":
+            sets[m.name] = SyntheticSet(real.inputs, z, lr)
+        elif m.external is not None:
+            sets[m.name] = store.load_imported(m.external, lr)
+        elif m.source == "variant" and m.subset is not None:
+            sets[m.name] = store.load_variant(m.subset)
+        elif m.source == "init" and m.subset is not None:
+            idx = indices[m.subset].to(real.device)
+            step = synthetic.lr if m.step_size == "alpha" and synthetic is not None else lr
+            sets[m.name] = SyntheticSet(real.inputs[idx], z[idx], step)
+        else:  # no_pretrain
+            sets[m.name] = None
     return sets
 
 
@@ -130,16 +131,17 @@ def table_header(config: Config, data: ImageData, sets: dict[str, SyntheticSet |
         f"{student_model(config).arch} students pre-trained on {config.data.name} "
         f"({data.num_train} images)"
     ]
-    if set(sets) & {*INIT_METHODS, *VARIANTS, "mkdt"}:
+    if any(m.kind == "distilled" or m.name in INIT_METHODS for m in map(parse_method, sets)):
         parts.append(f"|D_syn| = {config.init.images}")
     if (mkdt := sets.get("mkdt")) is not None:
         parts.append(f"MKDT learned lr {mkdt.lr:.4g}")
         parts.append(window_summary(config, data.num_train))
-    for method, pset in sets.items():
-        if variant_init(method) is not None and pset is not None:
-            parts.append(f"{report.method_label(method)} learned lr {pset.lr:.4g}")
-        if external_name(method) is not None and pset is not None:
-            parts.append(f"{report.method_label(method)}: {len(pset.images)} images at lr {pset.lr:.4g}")
+    for name, pset in sets.items():
+        method = parse_method(name)
+        if method.source == "variant" and pset is not None:
+            parts.append(f"{method.label} learned lr {pset.lr:.4g}")
+        if method.kind == "external" and pset is not None:
+            parts.append(f"{method.label}: {len(pset.images)} images at lr {pset.lr:.4g}")
     return "; ".join(parts) + "."
 
 
@@ -183,6 +185,69 @@ def evaluate_one(
     }
 
 
+def evaluate_all(
+    ctx: StageContext,
+    sets: dict[str, SyntheticSet | None],
+    tasks: dict[str, ImageData],
+    out_dim: int,
+    skipped: dict[str, str],
+) -> dict[str, Any]:
+    """Every (method, seed) run by its key "method/seed": those ``evaluate/partial.json`` holds
+    for this definition and ``skipped`` tasks, and the others, run now (under torch.distributed
+    split between the ranks) with partial.json rewritten after each round."""
+    store, rt, v = ctx.store, ctx.runtime, ctx.config.evaluate
+    # a resume that finds a task skipped before starts over: its runs lack that task's probes
+    fp = fingerprint({**ctx.spec, "skipped_tasks": sorted(skipped)} if skipped else ctx.spec)
+    # every rank starts from rank 0's reading: rank 0 rewrites the file after each round, so a
+    # rank reading it later would see fewer runs to do and fall out of step
+    runs: dict[str, Any] = rt.gather_objects(store.load_partial(fp) if rt.is_main else None)[0] or {}
+    todo = [(m, s) for m in v.methods for s in range(v.seeds) if f"{m}/{s}" not in runs]
+    # under torch.distributed the ranks take turns: rank r runs todo[i + r] of each round
+    rank, world = (rt.rank, rt.world) if rt.distributed else (0, 1)
+    for i in progress(range(0, len(todo), world), desc="evaluate", unit="run" if world == 1 else "round"):
+        mine = todo[i + rank] if i + rank < len(todo) else None
+        done = evaluate_one(ctx, mine[0], mine[1], sets[mine[0]], tasks, out_dim) if mine else None
+        for run in rt.gather_objects(done):
+            if run is not None:
+                runs[f"{run['method']}/{run['seed']}"] = run
+        if rt.is_main:
+            store.save_partial(fp, runs)
+    return runs
+
+
+def diverged_seeds(runs: dict[str, Any]) -> dict[str, list[int]]:
+    """The seeds whose pre-training diverged, by method (methods without any left out)."""
+    diverged: dict[str, list[int]] = {}
+    for r in runs.values():
+        if r.get("diverged"):
+            diverged.setdefault(r["method"], []).append(r["seed"])
+    return diverged
+
+
+def result_records(config: Config, runs: dict[str, Any], tasks: list[str]) -> list[dict[str, Any]]:
+    """The records (:mod:`mkdt.results`) of the runs' probes and fine-tunings."""
+    v = config.evaluate
+    probes = [{"method": r["method"], "seed": r["seed"], **p} for r in runs.values() for p in r["probes"]]
+    protocols = [p for p in PROTOCOLS if p in v.protocols]
+    return build_records(probes, v.methods, tasks, v.label_fractions, diverged_seeds(runs), protocols)
+
+
+def results_text(
+    config: Config,
+    data: ImageData,
+    sets: dict[str, SyntheticSet | None],
+    records: list[dict[str, Any]],
+    skipped: dict[str, str],
+) -> str:
+    """``results.md``: the table under its header line, MKDT's margins and the skipped tasks."""
+    text = results_table(records, table_header(config, data, sets))
+    if margins := mkdt_margins(records):
+        text += "\n" + margins
+    if skipped:
+        text += f"\nNot evaluated (files not found, evaluate.missing_tasks=skip): {', '.join(skipped)}.\n"
+    return text
+
+
 def run(
     config: Config,
     out: str | Path,
@@ -198,42 +263,14 @@ def run(
     if (done := ctx.finished(force, (store.partial_path,))) is not None:
         return done
     entries, skipped = available_tasks(config)  # before any compute: missing_tasks=error raises
-    rt, data = ctx.runtime, ctx.real.data
-    z = store.load_targets(ctx.real.num_train).to(rt.device)
+    data = ctx.real.data
+    z = store.load_targets(ctx.real.num_train).to(ctx.runtime.device)
     sets = pretraining_sets(store, config, ctx.real, z)
     tasks = {entry: load_task(config, entry, data) for entry in entries}
-    # a resume that finds a task skipped before starts over: its runs lack that task's probes
-    fp = fingerprint({**ctx.spec, "skipped_tasks": sorted(skipped)} if skipped else ctx.spec)
-    v = config.evaluate
-    # every rank starts from rank 0's reading: rank 0 rewrites the file after each round, so a
-    # rank reading it later would see fewer runs to do and fall out of step
-    runs = rt.gather_objects(store.load_partial(fp) if rt.is_main else None)[0] or {}
-    todo = [(m, s) for m in v.methods for s in range(v.seeds) if f"{m}/{s}" not in runs]
-    # under torch.distributed the ranks take turns: rank r runs todo[i + r] of each round
-    rank, world = (rt.rank, rt.world) if rt.distributed else (0, 1)
-    for i in progress(range(0, len(todo), world), desc="evaluate", unit="run" if world == 1 else "round"):
-        mine = todo[i + rank] if i + rank < len(todo) else None
-        done = evaluate_one(ctx, mine[0], mine[1], sets[mine[0]], tasks, z.shape[1]) if mine else None
-        for run in rt.gather_objects(done):
-            if run is not None:
-                runs[f"{run['method']}/{run['seed']}"] = run
-        if rt.is_main:
-            store.save_partial(fp, runs)
-    probes = [{"method": r["method"], "seed": r["seed"], **p} for r in runs.values() for p in r["probes"]]
-    diverged_seeds: dict[str, list[int]] = {}
-    for r in runs.values():
-        if r.get("diverged"):
-            diverged_seeds.setdefault(r["method"], []).append(r["seed"])
-    protocols = [p for p in report.PROTOCOLS if p in v.protocols]
-    records = report.build_records(
-        probes, v.methods, list(tasks), v.label_fractions, diverged_seeds, protocols
-    )
-    table = report.results_table(records, table_header(config, data, sets))
-    if margins := report.mkdt_margins(records):
-        table += "\n" + margins
-    if skipped:
-        table += f"\nNot evaluated (files not found, evaluate.missing_tasks=skip): {', '.join(skipped)}.\n"
-    if rt.is_main:
+    runs = evaluate_all(ctx, sets, tasks, z.shape[1], skipped)
+    records = result_records(config, runs, list(tasks))
+    table = results_text(config, data, sets, records, skipped)
+    if ctx.runtime.is_main:
         store.save_results(records, table)
         print(table, end="")
     return ctx.finish(
@@ -242,5 +279,5 @@ def run(
             "seconds_per_pretraining": pretraining_seconds(runs),
             "skipped_tasks": list(skipped),
         },
-        (store.path / "results.json", store.path / "results.md"),
+        (store.results_path, store.results_table_path),
     )

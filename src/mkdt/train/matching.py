@@ -32,7 +32,6 @@ from mkdt.runtime import Runtime, progress
 from mkdt.train.checkpoint import PeriodicCheckpoint
 from mkdt.train.kd import Trajectory
 
-BACKENDS = ("auto", "unrolled", "recompute")
 _GRAPH_FACTOR = 2  # measured with benchmarks/distill.py (1.6-1.8 on CPU for ConvNetD3), see BENCHMARKS.md
 _PER_MEMBER = KDLoss("per_member")
 Autocast = Callable[[], Any]

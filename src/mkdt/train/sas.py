@@ -40,7 +40,6 @@ import torch.nn.functional as F
 
 from mkdt.nn.augment import SSLAugment
 
-SAS_PROXIES = ("expert", "teacher")  # the proxy encoders of init.sas_proxy
 KMEANS_INITS = 3  # k-means++ restarts (scikit-learn's n_init); the best inertia wins
 
 

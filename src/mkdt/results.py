@@ -7,66 +7,22 @@ A record is a JSON-able dict::
      "accuracies": [44.1, 45.9, 43.0], "mean": 44.33, "std": 1.47, "protocol": "probe"}
 
 with test accuracies in percent, one per seed, and the sample standard deviation (ddof=1; 0 for a
-single seed). ``protocol`` is one of :data:`PROTOCOLS`; a record without it (results.json written
-before fine-tuning existed) is a linear-probe record (:func:`protocol_of`). :func:`results_table`
-renders records as a markdown table shaped like the paper's Table 1 (docs/method.md), one table per
-protocol when there are fine-tuning records.
+single seed). ``protocol`` is one of :data:`~mkdt.methods.PROTOCOLS`; a record without it (results.json
+written before fine-tuning existed) is a linear-probe record (:func:`protocol_of`).
+:func:`results_table` renders records as a markdown table shaped like the paper's Table 1
+(docs/method.md), one table per protocol when there are fine-tuning records.
 """
 
 from __future__ import annotations
 
 import math
-import re
 import statistics
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-METHOD_NAMES = {
-    "no_pretrain": "no pre-training",
-    "random": "random subset",
-    "sas": "SAS subset",
-    "high_loss": "high-loss subset",
-    "random@alpha": "random subset @ MKDT's lr",
-    "high_loss@alpha": "high-loss subset @ MKDT's lr",
-    "mkdt_high_loss": "MKDT (high-loss init)",
-    "mkdt_random": "MKDT (random init)",
-    "mkdt_sas": "MKDT (SAS init)",
-    "mkdt": "MKDT",
-    "mtt_ssl": "MTT-SSL",
-    "full": "full data",
-}
-EVAL_METHODS = (
-    "no_pretrain",
-    "random",
-    "sas",
-    "high_loss",
-    "full",
-    "random@alpha",
-    "high_loss@alpha",
-    "mkdt",
-)
-"""What the evaluate stage runs; ``X@alpha`` is subset X pre-trained at MKDT's learned alpha_syn."""
-VARIANTS = ("mkdt_high_loss", "mkdt_random", "mkdt_sas")
-"""MKDT distilled from another init subset by the same distill stage (``distill.variants``):
-``mkdt_<subset>``, pre-trained at its own learned alpha_syn (the paper's "MKDT (Rnd Sub)" is
-``mkdt_random``)."""
-VARIANT_PREFIX = "mkdt_"
-OPTIONAL_METHODS = ("mtt_ssl", *VARIANTS)  # accepted by evaluate.methods, not run by default
-AT_ALPHA = "@alpha"
-LR_MATCHED = ("random@alpha", "high_loss@alpha")  # the lr-matched controls
-EXTERNAL = "ext:"
-"""Prefix of the methods of imported sets: ``ext:NAME`` pre-trains on the set ``mkdt import``
-wrote to ``RUN/imported/NAME.safetensors``."""
-EXTERNAL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
-"""What NAME may be: letters, digits, ``_``, ``.`` and ``-``, starting with a letter or a digit."""
+from mkdt.methods import PROTOCOL_TITLES, PROTOCOLS, method_label, method_order
+
 MISSING = "–"
-PROTOCOLS = ("probe", "finetune")
-"""The downstream protocols, in the order of records and tables: ``probe`` (a linear probe on the
-frozen features) and ``finetune`` (the whole encoder and a new linear head trained on the labels)."""
-PROTOCOL_TITLES = {
-    "probe": "Linear probe",
-    "finetune": "Fine-tuning (the whole encoder and a linear head)",
-}
 
 
 def summarise(accuracies: Sequence[float]) -> tuple[float, float]:
@@ -169,9 +125,9 @@ def mkdt_margins(records: Sequence[dict[str, Any]]) -> str:
     baseline's mean (``full`` is an upper reference, not a baseline) and which baselines MKDT does
     not beat; the lines of fine-tuning records say "(fine-tuning)". "" without MKDT records.
 
-    The :data:`VARIANTS` (MKDT from another init subset) are compared like baselines: MKDT's lead
-    over "MKDT (random init)" is what starting from ``distill.init`` rather than the random subset
-    adds."""
+    The :data:`~mkdt.methods.VARIANTS` (MKDT from another init subset) are compared like baselines:
+    MKDT's lead over "MKDT (random init)" is what starting from ``distill.init`` rather than the
+    random subset adds."""
     return "".join(
         _margins([r for r in records if protocol_of(r) == p], "" if p == "probe" else " (fine-tuning)")
         for p in PROTOCOLS
@@ -211,24 +167,6 @@ def fraction_label(fraction: float) -> str:
     return f"{100 * fraction:.6g}%"
 
 
-def variant_init(method: str) -> str | None:
-    """The init subset of a :data:`VARIANTS` method ("mkdt_random" -> "random"); None otherwise."""
-    return method.removeprefix(VARIANT_PREFIX) if method in VARIANTS else None
-
-
-def external_name(method: str) -> str | None:
-    """NAME of an ``ext:NAME`` method whose NAME is valid (:data:`EXTERNAL_NAME`); else None."""
-    name = method.removeprefix(EXTERNAL)
-    return name if method.startswith(EXTERNAL) and EXTERNAL_NAME.fullmatch(name) else None
-
-
-def method_label(method: str) -> str:
-    """The human name of a method ("mkdt" -> "MKDT", "ext:krr" -> "krr (imported)"); unknown names
-    are returned as they are."""
-    name = external_name(method)
-    return f"{name} (imported)" if name is not None else METHOD_NAMES.get(method, method)
-
-
 def cell(record: dict[str, Any]) -> str:
     """ "mean ± std" with 2 decimals; "diverged" when every seed's pre-training diverged, and
     "(k diverged)" after the numbers when some did."""
@@ -237,12 +175,6 @@ def cell(record: dict[str, Any]) -> str:
         return "diverged"
     text = f"{record['mean']:.2f} ± {record['std']:.2f}"
     return f"{text} ({failed} diverged)" if failed else text
-
-
-def method_order(method: str) -> tuple[int, str]:
-    """Sort key of methods: the order of :data:`METHOD_NAMES`, unknown methods last by name."""
-    order = list(METHOD_NAMES)
-    return (order.index(method), "") if method in order else (len(order), method)
 
 
 def best_means(records: Sequence[dict[str, Any]]) -> dict[tuple[float, str], float]:
@@ -260,12 +192,13 @@ def results_table(
     records: Sequence[dict[str, Any]], header: str | None = None, bold_best: bool = False
 ) -> str:
     """A markdown table: one row per label fraction (ascending) x method (in the order of
-    :data:`METHOD_NAMES`, unknown methods last by name), one column per task (in order of first
-    appearance); cells "mean ± std", "–" where a setting has no record. ``header`` (if given) is
+    :data:`~mkdt.methods.METHOD_NAMES`, unknown methods last by name), one column per task (in order
+    of first appearance); cells "mean ± std", "–" where a setting has no record. ``header`` (if given) is
     a line printed above the table; with ``bold_best`` the cells of :func:`best_means` are bold.
 
     Linear-probe records alone make one table; with records of other protocols, each protocol
-    (in the order of :data:`PROTOCOLS`, unknown ones last) gets its own table under its title."""
+    (in the order of :data:`~mkdt.methods.PROTOCOLS`, unknown ones last) gets its own table under its
+    title."""
     found = {protocol_of(r) for r in records}
     if found <= {"probe"}:
         return _table(records, header, bold_best)
