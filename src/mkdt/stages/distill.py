@@ -130,8 +130,10 @@ class MatchingInputs:
         trajectories = [ctx.store.load_expert(k, fp, needed) for k in range(config.experts.num_experts)]
         student = build_network(config.experts.student, data.channels, data.image_size, z.shape[1])
         student = student.to(rt.device)
-        shape, recipe, d = ctx.real.inputs.shape[1:], matching_recipe(config.distill), config.distill
-        backend = resolve_backend(d.backend, recipe, student, shape, rt.device, config.init.images)
+        recipe, shape = matching_recipe(config.distill), ctx.real.inputs.shape[1:]
+        backend = resolve_backend(
+            config.distill.backend, recipe, student, shape, rt.device, config.init.images
+        )
         return cls(z, trajectories, student, recipe, backend)
 
 
