@@ -43,6 +43,7 @@ from common import hardware, peak_memory, report, run_child  # noqa: E402
 
 from mkdt.config import DistillConfig  # noqa: E402
 from mkdt.nn.models import ConvNet, flatten_params  # noqa: E402
+from mkdt.stages.distill import matching_recipe  # noqa: E402
 from mkdt.train.kd import Trajectory  # noqa: E402
 from mkdt.train.matching import Distiller, unrolled_graph_bytes  # noqa: E402
 
@@ -62,17 +63,19 @@ def build(args: argparse.Namespace, backend: str, steps: int) -> Distiller:
         for _ in range(3):
             walk.append(walk[-1] + 0.01 * torch.randn(theta.shape, generator=gen))
         trajectories.append(Trajectory(torch.stack(walk), (0, 1, 2, 3), torch.zeros(3)))
-    recipe = DistillConfig(
-        syn_steps=steps,
-        batch_syn=args.batch_syn,
-        trajectories=args.trajectories,
-        backend=backend,
-        iterations=1,
+    recipe = matching_recipe(
+        DistillConfig(syn_steps=steps, batch_syn=args.batch_syn, trajectories=args.trajectories, iterations=1)
     )
     images = torch.randn(args.images, 3, 32, 32, generator=gen).to(device)
     targets = torch.randn(args.images, 512, generator=gen).to(device)
     return Distiller(
-        student, images, targets, trajectories, recipe, torch.Generator(device=device).manual_seed(0), backend
+        student=student,
+        images=images,
+        targets=targets,
+        trajectories=trajectories,
+        recipe=recipe,
+        gen=torch.Generator(device=device).manual_seed(0),
+        backend=backend,
     )
 
 
@@ -100,7 +103,9 @@ def memory_child(args: argparse.Namespace) -> dict:
 
 
 def estimated_graph_gb(args: argparse.Namespace, steps: int) -> float:
-    recipe = DistillConfig(syn_steps=steps, batch_syn=args.batch_syn, trajectories=args.trajectories)
+    recipe = matching_recipe(
+        DistillConfig(syn_steps=steps, batch_syn=args.batch_syn, trajectories=args.trajectories)
+    )
     student = ConvNet(3, 32, args.width, 3, 512)
     return unrolled_graph_bytes(recipe, student, torch.Size((3, 32, 32)), args.images) / 2**30
 

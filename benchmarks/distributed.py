@@ -33,6 +33,7 @@ from mkdt.nn.distributed import globalise_batch_norms  # noqa: E402
 from mkdt.nn.models import ConvNet, flatten_params, resnet18  # noqa: E402
 from mkdt.nn.ssl import BarlowTwinsLoss, barlow_twins_projector  # noqa: E402
 from mkdt.runtime import Runtime  # noqa: E402
+from mkdt.stages.distill import matching_recipe  # noqa: E402
 from mkdt.train.kd import Trajectory  # noqa: E402
 from mkdt.train.matching import Distiller  # noqa: E402
 from mkdt.train.ssl import ssl_step  # noqa: E402
@@ -64,18 +65,18 @@ def child(args: argparse.Namespace) -> None:
         )
         for _ in range(2)
     ]
-    recipe = DistillConfig(syn_steps=5, batch_syn=64, trajectories=4, backend="unrolled")
+    recipe = matching_recipe(DistillConfig(syn_steps=5, batch_syn=64, trajectories=4))
     images = torch.randn(256, 3, 32, 32, generator=gen).to(device)
     targets = torch.randn(256, 512, generator=gen).to(device)
     distiller = Distiller(
-        student,
-        images,
-        targets,
-        experts,
-        recipe,
-        torch.Generator(device=device).manual_seed(0),
-        "unrolled",
-        runtime,
+        student=student,
+        images=images,
+        targets=targets,
+        trajectories=experts,
+        recipe=recipe,
+        gen=torch.Generator(device=device).manual_seed(0),
+        backend="unrolled",
+        runtime=runtime,
     )
     distill_s = _timed(distiller.step, args.iterations, device)
     encoder, projector = resnet18(width=8).to(device), barlow_twins_projector(64, 128, 128).to(device)

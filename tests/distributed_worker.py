@@ -17,6 +17,7 @@ from mkdt.nn.distributed import globalise_batch_norms
 from mkdt.nn.models import ConvNet, flatten_params, resnet10
 from mkdt.nn.ssl import BarlowTwinsLoss, NTXentLoss, barlow_twins_projector
 from mkdt.runtime import Runtime
+from mkdt.stages.distill import matching_recipe
 from mkdt.train.kd import Trajectory
 from mkdt.train.matching import Distiller
 from mkdt.train.ssl import ssl_step
@@ -63,23 +64,25 @@ def distill_step(runtime: Runtime) -> dict[str, torch.Tensor]:
         experts.append(Trajectory(torch.stack(walk), (0, 1, 2, 3)))
     images = torch.randn(12, 1, 8, 8, generator=gen, dtype=torch.float64)
     targets = torch.randn(12, 6, generator=gen, dtype=torch.float64)
-    recipe = DistillConfig(
-        syn_steps=3,
-        batch_syn=4,
-        trajectories=4,
-        max_start_epoch=2,
-        expert_epochs=2,
-        learn_targets=True,
-        lr_img=10.0,
-        lr_targets=1.0,
+    recipe = matching_recipe(
+        DistillConfig(
+            syn_steps=3,
+            batch_syn=4,
+            trajectories=4,
+            max_start_epoch=2,
+            expert_epochs=2,
+            learn_targets=True,
+            lr_img=10.0,
+            lr_targets=1.0,
+        )
     )
     distiller = Distiller(
-        student,
-        images,
-        targets,
-        experts,
-        recipe,
-        torch.Generator().manual_seed(3),
+        student=student,
+        images=images,
+        targets=targets,
+        trajectories=experts,
+        recipe=recipe,
+        gen=torch.Generator().manual_seed(3),
         backend="recompute",
         runtime=runtime,
     )

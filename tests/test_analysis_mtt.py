@@ -10,11 +10,12 @@ import torch.nn.functional as F
 
 from mkdt.analysis import mtt
 from mkdt.errors import ArtifactError, ConfigError
+from mkdt.nn.augment import DiffAugment
 from mkdt.nn.models import flatten_params, unflatten_params
 from mkdt.nn.ssl import BarlowTwinsLoss
 from mkdt.stages import experts, init, targets, teacher
 from mkdt.store import RunDir
-from mkdt.train.matching import sample_batches
+from mkdt.train.matching import inner_steps, sample_batches, unrolled_matching_loss
 from tests.helpers import tiny_config
 
 SMALL = ["teacher.probe=false"]
@@ -63,15 +64,17 @@ def test_ssl_inner_loop_pixel_gradient_equals_finite_differences():
     torch.manual_seed(0)
     config = tiny_config("unused", "experts.student.width=3", "experts.student.depth=1")
     net = mtt.ssl_network(config, 3, 4, 6).double().train()
-    augment = mtt.DiffAugment((0.5, 0.4, 0.3), (0.2, 0.25, 0.3))
+    augment = DiffAugment((0.5, 0.4, 0.3), (0.2, 0.25, 0.3))
     images = torch.randn(6, 3, 4, 4, dtype=torch.float64)
     batches = torch.tensor([[0, 1, 2, 3], [2, 3, 4, 5]])
-    step_loss = mtt.ssl_loss_maker(net, augment, BarlowTwinsLoss())(batches, torch.Generator().manual_seed(1))
+    make = mtt.ssl_loss_maker(augment, BarlowTwinsLoss())
+    inner = make(batches[:, None], torch.Generator().manual_seed(1))
     start = flatten_params(net)
     target = start + 0.05 * torch.randn_like(start)
+    unused = torch.zeros(6, 0, dtype=torch.float64)  # the SSL inner loss reads no targets
 
     def loss(x, lr):
-        return mtt.unrolled_matching(net, start, target, x, lr, batches, step_loss)
+        return unrolled_matching_loss(net, start, target, x, unused, lr, batches, inner_loss=inner)
 
     x = images.clone().requires_grad_(True)
     lr = torch.tensor(0.01, dtype=torch.float64, requires_grad=True)
@@ -88,28 +91,13 @@ def test_ssl_inner_loop_pixel_gradient_equals_finite_differences():
     assert float(grad_lr) == pytest.approx(float(fd_lr), rel=1e-6, abs=1e-9)
 
 
-def test_diff_augment_draws_from_its_generator_and_keeps_identity_params_exact():
-    augment = mtt.DiffAugment((0.5,), (0.25,))
-    x = torch.randn(5, 1, 8, 8)
-    one = augment(x, torch.Generator().manual_seed(3))
-    assert torch.equal(one, augment(x, torch.Generator().manual_seed(3)))
-    assert not torch.allclose(one, augment(x, torch.Generator().manual_seed(4)))
-    identity = mtt.ViewParams(
-        torch.tensor([[1.0, 0, 0], [0, 1.0, 0]]).expand(5, 2, 3),
-        torch.ones(5, 3),
-        torch.zeros(5, dtype=torch.bool),
-    )
-    assert torch.allclose(augment.apply(x, identity), x, atol=1e-5)
-
-
 def test_sl_inner_loop_lowers_cross_entropy_on_the_synthetic_set():
     torch.manual_seed(0)
     net = mtt.sl_network(tiny_config("unused"), 1, 8, 10).train()
     images, labels = torch.randn(20, 1, 8, 8), torch.randint(10, (20,))
     batches = sample_batches(20, 10, 20, torch.Generator().manual_seed(0))
-    step_loss = mtt.ce_loss_maker(net, labels)(batches, torch.Generator())
     start = flatten_params(net)
-    theta = mtt.inner_descent(net, start, images, 0.1, batches, step_loss)
+    theta = inner_steps(net, start, images, labels, 0.1, batches, inner_loss=mtt.ce_inner_loss)
 
     def ce(t):
         return float(
@@ -145,7 +133,7 @@ def test_short_run_writes_the_files_and_curves(run, analysed):
 
 def test_mtt_ssl_set_loads_in_the_distill_format(run, analysed):
     config, store = run
-    syn = mtt.load_mtt_ssl(store)
+    syn = store.load_mtt_ssl()
     real_n = json.loads((store.path / "analysis" / "mtt.json").read_text())["settings"]["num_images"]
     idx = store.load_indices(config.init.images)[config.distill.init]
     z = store.load_targets(real_n)
@@ -154,7 +142,7 @@ def test_mtt_ssl_set_loads_in_the_distill_format(run, analysed):
     # the same tensors and metadata keys as distill/synthetic.safetensors (RunDir.load_synthetic)
     from mkdt.files import load_tensors
 
-    tensors, meta = load_tensors(mtt.mtt_ssl_path(store))
+    tensors, meta = load_tensors(store.mtt_ssl_path)
     assert set(tensors) == {"images", "targets", "lr"} and {"mean", "std", "iterations"} <= set(meta)
     pixels = analysed["methods"]["mtt_ssl"]["pixel_change"][-1]
     from mkdt.data.real import load_real
@@ -192,7 +180,7 @@ def test_missing_stages_and_missing_set_raise_artifact_errors(run, tmp_path):
     with pytest.raises(ArtifactError, match="no finished init"):
         mtt.main(parse(out=partial), config)
     with pytest.raises(ArtifactError, match="run `mkdt analyze mtt --out .*` first"):
-        mtt.load_mtt_ssl(RunDir(partial))
+        RunDir(partial).load_mtt_ssl()
 
 
 def test_bad_options_are_config_errors_before_any_compute(run, tmp_path):

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from mkdt.nn.augment import SSLAugment
+from mkdt.nn.augment import DiffAugment, SSLAugment, ViewParams
 
 MEAN, STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
 OFF = dict(
@@ -134,6 +134,80 @@ def test_input_validation():
         SSLAugment(32, MEAN, STD, flip_p=1.5)
     with pytest.raises(ValueError, match="mean and std"):
         SSLAugment(32, MEAN, STD[:2])
+
+
+# ---------------------------------------------------------------- DiffAugment (float, differentiable)
+
+DIFF_OFF = dict(crop_scale=(1.0, 1.0), crop_ratio=(1.0, 1.0), flip_p=0.0, jitter_p=0.0, grayscale_p=0.0)
+
+
+def identity_params(b: int) -> ViewParams:
+    return ViewParams(
+        torch.tensor([[1.0, 0, 0], [0, 1.0, 0]]).expand(b, 2, 3),
+        torch.ones(b, 3),
+        torch.zeros(b, dtype=torch.bool),
+    )
+
+
+def test_diff_augment_draws_from_its_generator_and_keeps_identity_params_exact():
+    augment = DiffAugment((0.5,), (0.25,))
+    x = torch.randn(5, 1, 8, 8)
+    one = augment(x, torch.Generator().manual_seed(3))
+    assert torch.equal(one, augment(x, torch.Generator().manual_seed(3)))
+    assert not torch.allclose(one, augment(x, torch.Generator().manual_seed(4)))
+    assert torch.allclose(augment.apply(x, identity_params(5)), x, atol=1e-5)
+
+
+def test_diff_augment_keeps_shape_dtype_and_passes_gradients_to_the_pixels():
+    augment = DiffAugment(MEAN, STD)
+    for dtype in (torch.float32, torch.float64):
+        x = torch.randn(6, 3, 16, 16, dtype=dtype, requires_grad=True)
+        view = augment(x, gen(0))
+        assert view.shape == x.shape and view.dtype == dtype and torch.isfinite(view).all()
+        (grad,) = torch.autograd.grad(view.square().sum(), x)
+        assert grad.shape == x.shape and bool((grad.flatten(1).abs().sum(1) > 0).all())
+
+
+def test_diff_augment_flip_equals_torch_flip():
+    x = torch.randn(4, 3, 8, 8)
+    out = DiffAugment(MEAN, STD, **{**DIFF_OFF, "flip_p": 1.0})(x, gen(0))
+    assert torch.allclose(out, torch.flip(x, dims=[-1]), atol=1e-5)
+
+
+def test_diff_augment_crop_samples_the_centre_of_a_ramp_exactly():
+    # a central crop of half the width and height, zoomed back to 8x8, of an image whose value is
+    # its column index: output column j samples input column 1.75 + j / 2 (align_corners=False),
+    # 5.25 - j / 2 when flipped; bilinear interpolation of a linear ramp is exact
+    ramp = torch.arange(8.0).expand(2, 1, 8, 8)
+    params = identity_params(2)
+    affine = torch.tensor([[[0.5, 0, 0], [0, 0.5, 0]], [[-0.5, 0, 0], [0, 0.5, 0]]])
+    out = DiffAugment((0.0,), (1.0,)).apply(ramp, ViewParams(affine, params.colour, params.gray))
+    j = torch.arange(8.0)
+    assert torch.allclose(out[0, 0], (1.75 + j / 2).expand(8, 8), atol=1e-5)
+    assert torch.allclose(out[1, 0], (5.25 - j / 2).expand(8, 8), atol=1e-5)
+
+
+def test_diff_augment_colour_factors_and_grayscale_in_pixel_units():
+    x = torch.randn(3, 3, 8, 8)
+    m, s = torch.tensor(MEAN).view(1, 3, 1, 1), torch.tensor(STD).view(1, 3, 1, 1)
+    u = x * s + m
+    params = identity_params(3)
+    bright = ViewParams(params.affine, torch.tensor([[1.5, 1, 1]]).expand(3, 3), params.gray)
+    out = DiffAugment(MEAN, STD).apply(x, bright)
+    assert torch.allclose(out * s + m, 1.5 * u, atol=1e-5)
+    gray = ViewParams(params.affine, params.colour, torch.ones(3, dtype=torch.bool))
+    pixels = DiffAugment(MEAN, STD).apply(x, gray) * s + m
+    luma = 0.299 * u[:, 0] + 0.587 * u[:, 1] + 0.114 * u[:, 2]
+    assert all(torch.allclose(pixels[:, c], luma, atol=1e-5) for c in range(3))
+
+
+def test_diff_augment_input_validation():
+    with pytest.raises(ValueError, match="mean and std"):
+        DiffAugment(MEAN, STD[:2])
+    with pytest.raises(ValueError, match="crop_scale"):
+        DiffAugment(MEAN, STD, crop_scale=(0.5, 0.2))
+    with pytest.raises(ValueError, match="probability"):
+        DiffAugment(MEAN, STD, grayscale_p=2.0)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

@@ -8,11 +8,13 @@ from mkdt.files import load_tensors
 from mkdt.nn.models import ConvNet, flatten_params, resnet10
 from mkdt.runtime import Runtime
 from mkdt.stages import distill, experts, init, targets, teacher
+from mkdt.stages.distill import matching_recipe
 from mkdt.store import RunDir
 from mkdt.train.checkpoint import PeriodicCheckpoint
 from mkdt.train.kd import KDRecipe, train_student
 from mkdt.train.matching import (
     Distiller,
+    MatchingRecipe,
     matching_grads,
     recompute_matching_grads,
     resolve_backend,
@@ -22,6 +24,11 @@ from mkdt.train.matching import (
 )
 from mkdt.train.matching import distill as distill_loop
 from tests.helpers import interrupted_after_first_checkpoint, tiny_config
+
+
+def recipe(**keys) -> MatchingRecipe:
+    """The recipe of a distill section with these keys (the others at their defaults)."""
+    return matching_recipe(DistillConfig(**keys))
 
 
 def _tiny_problem(dtype=torch.float64, batch_norm=False):
@@ -140,27 +147,32 @@ def digits_experts(tmp_path_factory):
 
 def test_distillation_loss_falls_on_a_small_problem(digits_experts):
     student, x, z, trajs = digits_experts
-    recipe = DistillConfig(
-        syn_steps=10, batch_syn=50, lr_img=100.0, lr_lr=1e-3, max_start_epoch=2, expert_epochs=2
-    )
+    small = recipe(syn_steps=10, batch_syn=50, lr_img=100.0, lr_lr=1e-3, max_start_epoch=2, expert_epochs=2)
     idx = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))[:100]
-    distiller = Distiller(student, x[idx], z[idx], trajs, recipe, torch.Generator().manual_seed(0))
+    distiller = Distiller(
+        student=student,
+        images=x[idx],
+        targets=z[idx],
+        trajectories=trajs,
+        recipe=small,
+        gen=torch.Generator().manual_seed(0),
+    )
     losses = [distiller.step() for _ in range(40)]
     assert sum(losses[-10:]) / 10 < 0.95 * sum(losses[:10]) / 10
     assert not torch.equal(distiller.images.detach(), x[idx])  # pixels moved
-    assert distiller.lr.item() != recipe.lr_init  # the step size is learned
+    assert distiller.lr.item() != small.lr_init  # the step size is learned
     assert torch.equal(distiller.targets, z[idx])  # targets fixed by default
 
 
 def test_every_iteration_can_draw_any_expert_and_start_epoch(digits_experts):
     student, x, z, trajs = digits_experts
     distiller = Distiller(
-        student,
-        x[:10],
-        z[:10],
-        trajs,
-        DistillConfig(max_start_epoch=2, trajectories=2),
-        torch.Generator().manual_seed(0),
+        student=student,
+        images=x[:10],
+        targets=z[:10],
+        trajectories=trajs,
+        recipe=recipe(max_start_epoch=2, trajectories=2),
+        gen=torch.Generator().manual_seed(0),
     )
     draws = {seg for _ in range(100) for seg in distiller.draw_segments()}
     assert draws == {(k, s) for k in range(3) for s in range(2)}
@@ -168,8 +180,15 @@ def test_every_iteration_can_draw_any_expert_and_start_epoch(digits_experts):
 
 def test_learnable_targets_move(digits_experts):
     student, x, z, trajs = digits_experts
-    recipe = DistillConfig(syn_steps=3, batch_syn=20, learn_targets=True, lr_targets=10.0)
-    distiller = Distiller(student, x[:40], z[:40], trajs, recipe, torch.Generator().manual_seed(0))
+    learned = recipe(syn_steps=3, batch_syn=20, learn_targets=True, lr_targets=10.0)
+    distiller = Distiller(
+        student=student,
+        images=x[:40],
+        targets=z[:40],
+        trajectories=trajs,
+        recipe=learned,
+        gen=torch.Generator().manual_seed(0),
+    )
     distiller.step()
     assert not torch.equal(distiller.targets.detach(), z[:40])
 
@@ -243,34 +262,44 @@ def test_bf16_autocast_and_channels_last_agree_with_fp32(backend, device):
 
 def test_auto_backend_picks_recompute_for_large_graphs():
     student, shape, cpu = ConvNet(3, 32, 128, 3, 512), torch.Size((3, 32, 32)), torch.device("cpu")
-    small = DistillConfig(syn_steps=2, batch_syn=10)
-    paper = DistillConfig()  # N = 40, batch 256, width 128: ~ 30 GB unrolled
-    assert resolve_backend(small, student, shape, cpu, num_images=100) == "unrolled"
-    assert resolve_backend(paper, student, shape, cpu, num_images=1000) == "recompute"
+    small = recipe(syn_steps=2, batch_syn=10)
+    paper = recipe()  # N = 40, batch 256, width 128: ~ 30 GB unrolled
+    assert resolve_backend("auto", small, student, shape, cpu, num_images=100) == "unrolled"
+    assert resolve_backend("auto", paper, student, shape, cpu, num_images=1000) == "recompute"
     assert unrolled_graph_bytes(paper, student, shape, num_images=1000) > 20 * 2**30
-    forced = DistillConfig(backend="unrolled")
-    assert resolve_backend(forced, student, shape, cpu, num_images=1000) == "unrolled"
+    assert resolve_backend("unrolled", paper, student, shape, cpu, num_images=1000) == "unrolled"
 
 
 def test_graph_estimate_of_a_batch_norm_student_leaves_it_untouched():
     student = resnet10(width=4, out_dim=8)
     before = {k: v.clone() for k, v in student.state_dict().items()}
-    assert unrolled_graph_bytes(DistillConfig(), student, torch.Size((3, 32, 32)), num_images=1000) > 0
+    assert unrolled_graph_bytes(recipe(), student, torch.Size((3, 32, 32)), num_images=1000) > 0
     assert student.training
     assert all(torch.equal(before[k], v) for k, v in student.state_dict().items())
 
 
 def test_the_loop_reads_losses_back_only_when_it_logs_and_keeps_every_one(digits_experts, monkeypatch):
     student, x, z, trajs = digits_experts
-    recipe = DistillConfig(syn_steps=2, batch_syn=20, iterations=7, log_every=3)
-    stepped = Distiller(student, x[:40], z[:40], trajs, recipe, torch.Generator().manual_seed(0))
+    seven = recipe(syn_steps=2, batch_syn=20, iterations=7)
+
+    def build() -> Distiller:
+        return Distiller(
+            student=student,
+            images=x[:40],
+            targets=z[:40],
+            trajectories=trajs,
+            recipe=seven,
+            gen=torch.Generator().manual_seed(0),
+        )
+
+    stepped = build()
     expected = [stepped.step().item() for _ in range(7)]
-    looped = Distiller(student, x[:40], z[:40], trajs, recipe, torch.Generator().manual_seed(0))
+    looped = build()
     reads = []
     for name in ("item", "tolist"):
         real = getattr(torch.Tensor, name)
         monkeypatch.setattr(torch.Tensor, name, lambda self, real=real: reads.append(1) or real(self))
-    run = distill_loop(looped, PeriodicCheckpoint(None, {}, 100, "distill"))
+    run = distill_loop(looped, PeriodicCheckpoint(None, {}, 100, "distill"), log_every=3)
     assert run.history.loss == expected  # every iteration's loss, read back in batches
     assert len(reads) == 4  # one read of the history after iterations 1, 3, 6 and 7 only
     assert run.history.lr[-1] == looped.lr.item() and len(run.history.experts) == 7
@@ -278,7 +307,14 @@ def test_the_loop_reads_losses_back_only_when_it_logs_and_keeps_every_one(digits
 
 def test_divergence_stops_with_a_message_naming_the_options(digits_experts):
     student, x, z, trajs = digits_experts
-    recipe = DistillConfig(syn_steps=2, batch_syn=20, iterations=20, log_every=2, lr_lr=1e12)
-    distiller = Distiller(student, x[:40], z[:40], trajs, recipe, torch.Generator().manual_seed(0))
+    diverging = recipe(syn_steps=2, batch_syn=20, iterations=20, lr_lr=1e12)
+    distiller = Distiller(
+        student=student,
+        images=x[:40],
+        targets=z[:40],
+        trajectories=trajs,
+        recipe=diverging,
+        gen=torch.Generator().manual_seed(0),
+    )
     with pytest.raises(ArtifactError, match="lower distill.lr_img or distill.lr_lr"):
-        distill_loop(distiller, PeriodicCheckpoint(None, {}, 100, "distill"))
+        distill_loop(distiller, PeriodicCheckpoint(None, {}, 100, "distill"), log_every=2)

@@ -540,11 +540,65 @@ class RunDir:
             raise ArtifactError(f"cannot read {self.history_path} ({exc})") from None
         return history
 
+    # ------------------------------------------------------------ mkdt analyze mtt
+
+    @property
+    def mtt_dir(self) -> Path:
+        """``analysis/mtt/``: the expert trajectories and the MTT-SSL set of ``mkdt analyze mtt``."""
+        return self.analysis_dir / "mtt"
+
+    def mtt_expert_path(self, method: str, k: int) -> Path:
+        """``analysis/mtt/<method>_expert_KKKK.safetensors``: expert k of MTT method ``method``."""
+        return self.mtt_dir / f"{method}_expert_{k:04d}.safetensors"
+
+    def save_mtt_expert(
+        self, method: str, k: int, trajectory: Trajectory, definition: dict[str, Any]
+    ) -> None:
+        """Expert k of ``method``, tagged with its ``definition`` and the fingerprint of the
+        definition with ``index`` k."""
+        save_tensors(
+            self.mtt_expert_path(method, k),
+            {"params": trajectory.params, "epochs": torch.tensor(trajectory.epochs), "loss": trajectory.loss},
+            {"fingerprint": fingerprint(definition | {"index": k}), "defining": definition, "index": k},
+        )
+
+    def load_mtt_expert(self, method: str, k: int, definition: dict[str, Any]) -> Trajectory | None:
+        """Expert k of ``method`` when its file was made with ``definition``; None when it is
+        missing, unreadable or was made with another definition."""
+        path, fp = self.mtt_expert_path(method, k), fingerprint(definition | {"index": k})
+        try:
+            if not path.is_file() or read_metadata(path).get("fingerprint") != fp:
+                return None
+        except ArtifactError:
+            return None
+        tensors = load_tensors(path)[0]
+        return Trajectory(tensors["params"], tuple(tensors["epochs"].tolist()), tensors["loss"])
+
     @property
     def mtt_ssl_path(self) -> Path:
         """``analysis/mtt/mtt_ssl.safetensors``: the MTT-SSL set of ``mkdt analyze mtt`` (the
         distill stage's format), evaluated as the ``mtt_ssl`` method."""
-        return self.path / "analysis" / "mtt" / "mtt_ssl.safetensors"
+        return self.mtt_dir / "mtt_ssl.safetensors"
+
+    def save_mtt_ssl(
+        self,
+        synthetic: SyntheticSet,
+        mean: tuple[float, ...],
+        std: tuple[float, ...],
+        metadata: dict[str, Any],
+    ) -> None:
+        """The MTT-SSL set in the distill stage's format (``images``, ``targets``, ``lr``; metadata
+        ``mean``, ``std`` mapping the images back to pixels, x * std + mean) plus ``metadata`` (its
+        ``iterations`` among them); ArtifactError when its images or lr are not finite."""
+        if synthetic.lr <= 0 or not math.isfinite(synthetic.lr) or not torch.isfinite(synthetic.images).all():
+            raise ArtifactError(
+                "the MTT-SSL set has non-finite images; lower --lr-img and rerun `mkdt analyze mtt`"
+            )
+        save_tensors(
+            self.mtt_ssl_path,
+            {"images": synthetic.images, "targets": synthetic.targets, "lr": torch.tensor(synthetic.lr)},
+            {"mean": list(mean), "std": list(std), **metadata},
+        )
 
     def load_mtt_ssl(self) -> SyntheticSet:
         """The MTT-SSL set (images normalised like D_real, teacher targets, its KD lr); ArtifactError

@@ -6,83 +6,65 @@ pixels) and run for ``--iterations`` (default 100, A.2) with the same image lear
 (``--lr-img``, default 1000, A.2), the same SGD momentum (``distill.momentum``), the same synthetic
 batch (``--batch-syn``, default ``distill.batch_syn``) and a learnable step size alpha_syn (see
 below for its initial value and learning rate), each segment starting at expert epoch 0 (A.2: max
-start epoch 0). Every iteration draws one expert k uniformly from the first ``--experts`` (default 2), starts
-the student at theta*_{k,0}, takes N SGD steps on synthetic mini-batches and scores theta_N with
-:func:`mkdt.nn.losses.matching_distance` against theta*_{k,M}; the gradient with respect to the
-pixels and alpha_syn comes from the full autograd graph through the N steps (unrolled,
-``torch.func.functional_call`` on a flat parameter vector; N is small here).
+start epoch 0). Every iteration draws one expert k uniformly from the first ``--experts`` (default
+2), starts the student at theta*_{k,0}, takes N SGD steps on synthetic mini-batches and scores
+theta_N with :func:`mkdt.nn.losses.matching_distance` against theta*_{k,M}. All three are the
+library's :class:`mkdt.train.matching.Distiller` (``unrolled`` backend, one segment per iteration);
+they differ in their experts, N, M and inner loss (:data:`mkdt.train.matching.InnerLoss`):
 
 - ``mtt_ssl`` (MTT-SSL, N = ``--ssl-steps`` 10, M = ``--ssl-epochs`` 2): experts trained with
   Barlow Twins on D_real (Adam, lr ``--ssl-lr`` 1e-3, weight decay 1e-6, batch ``--ssl-batch``,
   constant lr; A.2) as encoder (the student network ``experts.student`` without its KD head) + a
   small Barlow Twins projector (:func:`mkdt.nn.ssl.barlow_twins_projector`, width
   ``--projector-dim``, loss :class:`mkdt.nn.ssl.BarlowTwinsLoss` with ``teacher.bt_lambda``). The
-  inner loop minimises the same Barlow Twins loss of two views of each synthetic mini-batch.
+  inner loss is the same Barlow Twins loss of two views of each synthetic mini-batch
+  (:func:`ssl_loss_maker`). The experts and the inner loop draw their views from the same
+  distribution, :class:`mkdt.nn.augment.DiffAugment` (crop, flip, colour jitter, grayscale of the
+  float pixels, differentiable).
 - ``mtt_sl`` (MTT-SL, N = ``--sl-steps`` 20, M = ``--sl-epochs`` 4): experts trained with
   cross-entropy on D_real's labels through a linear head on the student's features (SGD, lr
   ``--sl-lr`` 0.01, batch ``--sl-batch`` 256, no momentum or weight decay; A.2), no augmentation.
-  The inner loop minimises the cross-entropy of the synthetic images with their fixed labels (the
-  labels of the init subset's real images).
-- ``mkdt``: the library's :class:`mkdt.train.matching.Distiller` (unrolled backend) on the first
-  ``--experts`` of the run's KD experts, with the run's distill config (N = ``distill.syn_steps``,
-  M = ``distill.expert_epochs``, KD loss to the fixed teacher targets) except: ``--iterations``,
-  ``--lr-img`` (A.2's 1000 for all three, so the pixel changes compare), start epoch 0
-  (``max_start_epoch`` 1), one segment per iteration, ``--batch-syn`` and the initial alpha below.
+  The inner loss is the cross-entropy of the synthetic images with their fixed labels (the labels
+  of the init subset's real images; :func:`ce_inner_loss`).
+- ``mkdt``: the first ``--experts`` of the run's KD experts, with the run's distill config (N =
+  ``distill.syn_steps``, M = ``distill.expert_epochs``, KD loss to the fixed teacher targets,
+  :func:`mkdt.train.matching.kd_inner_loss`) except: ``--iterations``, ``--lr-img`` (A.2's 1000 for
+  all three, so the pixel changes compare), start epoch 0 (``max_start_epoch`` 1), one segment per
+  iteration, ``--batch-syn`` and the initial alpha below.
 
 The matched parameters are every parameter of the network the experts train: encoder + projector
 (``mtt_ssl``), encoder + linear classifier (``mtt_sl``), encoder + KD head (``mkdt``).
 
-Differentiable augmentation (:class:`DiffAugment`, used by the MTT-SSL experts AND its inner loop,
-so the two see the same view distribution): :class:`mkdt.nn.augment.SSLAugment` takes uint8 images
-only (its pipeline converts, clamps and normalises), so it cannot be applied to learned float
-pixels. ``DiffAugment`` maps normalised float images to normalised float views with per-image
-parameters drawn from a generator: random resized crop (area 0.2-1, aspect 3/4-4/3) + horizontal
-flip (p 0.5) as one ``affine_grid`` / ``grid_sample`` (bilinear, border padding), colour jitter
-with p 0.8 (brightness, contrast, saturation 0.4 each, as SSLAugment, in [0, 1] pixel units),
-grayscale with p 0.2; no hue, blur, solarisation or clamping. Given its drawn parameters a view is
-an affine (and exactly differentiable) function of the pixels.
-
-Initial alpha_syn (``--alpha``). ``auto`` (default): ``mkdt`` starts at ``distill.lr_init`` (the
-run's config); ``mtt_sl`` at its experts' SGD lr ``--sl-lr`` (MTT's convention: the synthetic lr
-starts at the expert's); ``mtt_ssl``, whose Adam experts have no SGD lr to start from, at the
-value of :data:`ALPHA_GRID` whose N plain inner steps from theta*_{0,0} on the init images (one
-draw of batches and views) end closest to theta*_{0,M} -- the best start MTT-SSL can get, so its
-failure to learn is not a bad-alpha artefact. ``grid`` picks every method's start that way; a
-number sets all three. The experts' learning rates are not comparable across methods (Adam vs
-SGD, different losses), so one shared number would start some methods far off.
-
-Learning rate of alpha_syn (``--lr-lr``): by default ``distill.lr_lr * (alpha_0 /
-distill.lr_init)^2`` for a method whose initial alpha is alpha_0. Scaling an inner loss by c
-scales its best step size by 1/c and dL/dalpha by c, so alpha's relative change per iteration is
-lr_lr * c^2 * const: with the rule every method's alpha moves, relative to its size, as the run's
-config moves MKDT's (whose alpha_0 = ``distill.lr_init`` keeps ``distill.lr_lr``). A shared number
-made MTT-SSL's alpha (Barlow Twins gradients are large, its alpha_0 small) jump negative in one
-iteration. The pixel gradients need no such rule: they do not change when the inner loss is
-rescaled together with its step size. A number given to ``--lr-lr`` applies to all three.
+Initial alpha_syn (``--alpha``). ``auto`` (default): ``mkdt`` starts at ``distill.lr_init``;
+``mtt_sl`` at its experts' SGD lr ``--sl-lr``; ``mtt_ssl``, whose Adam experts have no SGD lr, at
+the value of :data:`ALPHA_GRID` whose N plain inner steps from theta*_{0,0} on the init images (one
+draw of batches and views) end closest to theta*_{0,M} (:func:`choose_alpha`). ``grid`` picks every
+method's start that way; a number sets all three. Learning rate of alpha_syn (``--lr-lr``):
+``distill.lr_lr * (alpha_0 / distill.lr_init)^2`` for a method whose initial alpha is alpha_0
+(:func:`alpha_lr`); a number applies to all three. docs/method.md §9 gives the reasons for both
+rules and the cost of a run.
 
 Recorded per iteration: the matching loss (before that iteration's update, as the distill stage
 logs it), the mean absolute change of the pixels from the init images after the update (in the
 normalised space, (x / 255 - mean) / std; the table also gives the final value in 0-255 pixel
 units) and alpha_syn. Writes ``RUN/analysis/mtt.json`` (curves and settings), ``mtt.md`` (table),
-``mtt.png`` (loss and pixel change vs iteration, one line per method: Fig. 1b/c) and
-``RUN/analysis/mtt/`` (the MTT-SSL / MTT-SL expert trajectories, reused by a rerun with the same
-settings, and ``mtt_ssl.safetensors``: the MTT-SSL distilled set in the distill stage's format,
-with the run's teacher targets of the init images as its targets, so it can be KD pre-trained and
-evaluated like ``mkdt``; :func:`load_mtt_ssl` reads it). That set's ``lr`` is ``evaluate.lr``, the
-KD pre-training lr of the real subsets: MTT-SSL's learned alpha_syn is a step size for SGD on the
-Barlow Twins loss of encoder + projector, not a KD learning rate (it is kept in the metadata as
-``alpha_ssl``).
-
-Cost: an iteration is N x batch (x 2 views for MTT-SSL) forward passes with a double backward; on
-2 CPU cores (ConvNetD3 width 32, 32x32 images, batch 100) about 4-5 s per iteration and method,
-plus one MTT-SSL expert epoch about 16 s (batch 1024) and one MTT-SL epoch about 8 s. On such a
-machine lower ``--iterations`` and ``--experts`` (the table says what was scaled down).
+``mtt.png`` (loss and pixel change vs iteration, one line per method: Fig. 1b/c) and, through
+:class:`mkdt.store.RunDir`, ``RUN/analysis/mtt/``: the MTT-SSL / MTT-SL expert trajectories
+(:meth:`~mkdt.store.RunDir.save_mtt_expert`, reused by a rerun with the same settings) and the
+MTT-SSL distilled set (:meth:`~mkdt.store.RunDir.save_mtt_ssl`, read by
+:meth:`~mkdt.store.RunDir.load_mtt_ssl`) in the distill stage's format, with the run's teacher
+targets of the init images as its targets, so it can be KD pre-trained and evaluated like
+``mkdt``. That set's ``lr`` is ``evaluate.lr``, the KD pre-training lr of the real subsets:
+MTT-SSL's learned alpha_syn is a step size for SGD on the Barlow Twins loss of encoder +
+projector, not a KD learning rate (it is kept in the metadata as ``alpha_ssl``).
 
 Every random choice derives from ``seed``: expert k of method m is initialised from
 ``derive_seed(seed, "mtt", m, "expert", k, "init")`` and draws its batches / views from
 ``... "order"`` / ``... "augment"``; the distillations draw from ``derive_seed(seed, "mtt", m,
-"distill")`` and the alpha search from ``derive_seed(seed, "mtt", m, "alpha")``. The MTT-SSL and
-MTT-SL inner loops run in float32 (the config's precision applies to ``mkdt``'s Distiller only).
+"distill")`` (MTT-SSL and MTT-SL draw the expert alone, :func:`draw_expert`; ``mkdt`` draws as the
+distill stage does, its start epoch from {0}) and the alpha search from ``derive_seed(seed, "mtt",
+m, "alpha")``. The MTT-SSL and MTT-SL inner loops run in float32 (the config's precision applies
+to ``mkdt``'s Distiller only).
 """
 
 from __future__ import annotations
@@ -95,33 +77,35 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mkdt.analysis.common import comma_list, open_run
+from mkdt.analysis.common import RunSetting, comma_list, open_run
 from mkdt.config import Config
 from mkdt.data.real import RealData
-from mkdt.errors import ArtifactError, ConfigError, TrainingDiverged
-from mkdt.files import (
-    atomic_path,
-    fingerprint,
-    load_tensors,
-    read_metadata,
-    save_tensors,
-    write_json,
-    write_text,
-)
+from mkdt.data.types import ImageData
+from mkdt.errors import ConfigError, TrainingDiverged
+from mkdt.files import atomic_path, fingerprint, write_json, write_text
 from mkdt.graph import defining
-from mkdt.nn.losses import KDLoss, matching_distance
+from mkdt.nn.augment import DiffAugment
+from mkdt.nn.losses import matching_distance
 from mkdt.nn.models import build_network, feature_dim, features_of, flatten_params, unflatten_params
 from mkdt.nn.ssl import BarlowTwinsLoss, barlow_twins_projector
 from mkdt.runtime import Runtime, derive_seed, generator, progress, seeded
 from mkdt.store import RunDir, SyntheticSet
 from mkdt.train.kd import Trajectory
-from mkdt.train.matching import Distiller, sample_batches
+from mkdt.train.matching import (
+    Distiller,
+    InnerLoss,
+    InnerLossMaker,
+    MatchingRecipe,
+    inner_steps,
+    kd_inner_loss,
+    sample_batches,
+)
 
 SUMMARY = (
     "naive trajectory matching of Barlow Twins trajectories (MTT-SSL) vs supervised MTT and MKDT: "
@@ -142,7 +126,6 @@ PAPER: dict[str, Any] = {
     "experts": "a single expert trajectory (Fig. 1b)",
     "data": "CIFAR100, 3-layer ConvNet",
 }
-SET_FILE = "mtt_ssl.safetensors"
 EXPERT_VERSION = 1  # bump when the expert training changes
 
 
@@ -218,47 +201,18 @@ def parse_options(args: argparse.Namespace) -> Options:
         value = getattr(args, name, None)
         return getattr(d, name) if value is None else value
 
-    text, methods = comma_list(get("methods"))
-    bad = sorted(set(methods) - set(METHODS))
-    if not methods or bad or len(set(methods)) != len(methods):
-        raise ConfigError(
-            f"--methods {text!r}: give distinct methods from {', '.join(METHODS)}, comma-separated"
-        )
-    alpha_text = str(getattr(args, "alpha", None) or "auto")
-    alpha: float | None = None
-    alpha_mode = alpha_text if alpha_text in ("auto", "grid") else "value"
-    if alpha_mode == "value":
-        try:
-            alpha = float(alpha_text)
-        except ValueError:
-            raise ConfigError(f"--alpha must be auto, grid or a number > 0, got {alpha_text!r}") from None
-        if not (math.isfinite(alpha) and alpha > 0):
-            raise ConfigError(f"--alpha must be auto, grid or a finite number > 0, got {alpha_text!r}")
+    methods = _parse_methods(get("methods"))
+    alpha_mode, alpha = _parse_alpha(str(getattr(args, "alpha", None) or "auto"))
     lr_lr = getattr(args, "lr_lr", None)
-    if lr_lr is not None and not (math.isfinite(float(lr_lr)) and float(lr_lr) > 0):
-        raise ConfigError(f"--lr-lr must be a finite number > 0, got {lr_lr}")
+    if lr_lr is not None:
+        _check_rate("lr_lr", float(lr_lr))
     ints = ("iterations", "experts", "ssl_steps", "ssl_epochs", "projector_dim", "sl_steps", "sl_epochs")
     values = {name: int(get(name)) for name in ints}
-    for name, value in values.items():
-        if value < 1:
-            raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
     batch_syn = getattr(args, "batch_syn", None)
-    if batch_syn is not None and int(batch_syn) < 2:
-        raise ConfigError(
-            f"--batch-syn must be >= 2 (Barlow Twins standardises along the batch), got {batch_syn}"
-        )
-    if int(get("ssl_batch")) < 2:
-        raise ConfigError(
-            f"--ssl-batch must be >= 2 (Barlow Twins standardises along the batch), got {get('ssl_batch')}"
-        )
-    if int(get("sl_batch")) < 1:
-        raise ConfigError(f"--sl-batch must be >= 1, got {get('sl_batch')}")
-    rates = {"lr_img": float(get("lr_img")), "ssl_lr": float(get("ssl_lr")), "sl_lr": float(get("sl_lr"))}
-    for name, lr in rates.items():
-        if not (math.isfinite(lr) and lr > 0):
-            raise ConfigError(f"--{name.replace('_', '-')} must be a finite number > 0, got {lr}")
+    _check_sizes(values, batch_syn, int(get("ssl_batch")), int(get("sl_batch")))
+    rates = {name: _check_rate(name, float(get(name))) for name in ("lr_img", "ssl_lr", "sl_lr")}
     return Options(
-        methods=tuple(m for m in METHODS if m in methods),
+        methods=methods,
         iterations=values["iterations"],
         experts=values["experts"],
         lr_img=rates["lr_img"],
@@ -276,6 +230,55 @@ def parse_options(args: argparse.Namespace) -> Options:
         sl_batch=int(get("sl_batch")),
         sl_lr=rates["sl_lr"],
     )
+
+
+def _parse_methods(value: Any) -> tuple[str, ...]:
+    """``--methods``: distinct names of :data:`METHODS`, returned in that order."""
+    text, methods = comma_list(value)
+    bad = sorted(set(methods) - set(METHODS))
+    if not methods or bad or len(set(methods)) != len(methods):
+        raise ConfigError(
+            f"--methods {text!r}: give distinct methods from {', '.join(METHODS)}, comma-separated"
+        )
+    return tuple(m for m in METHODS if m in methods)
+
+
+def _parse_alpha(text: str) -> tuple[str, float | None]:
+    """``--alpha``: ("auto", None), ("grid", None) or ("value", a finite number > 0)."""
+    if text in ("auto", "grid"):
+        return text, None
+    try:
+        alpha = float(text)
+    except ValueError:
+        raise ConfigError(f"--alpha must be auto, grid or a number > 0, got {text!r}") from None
+    if not (math.isfinite(alpha) and alpha > 0):
+        raise ConfigError(f"--alpha must be auto, grid or a finite number > 0, got {text!r}")
+    return "value", alpha
+
+
+def _check_rate(name: str, lr: float) -> float:
+    """``lr``; ConfigError naming ``--<name>`` unless it is a finite number > 0."""
+    if not (math.isfinite(lr) and lr > 0):
+        raise ConfigError(f"--{name.replace('_', '-')} must be a finite number > 0, got {lr}")
+    return lr
+
+
+def _check_sizes(counts: dict[str, int], batch_syn: int | None, ssl_batch: int, sl_batch: int) -> None:
+    """ConfigError unless every count is >= 1 and the batches fit their losses (Barlow Twins
+    standardises along the batch: >= 2 images)."""
+    for name, value in counts.items():
+        if value < 1:
+            raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+    if batch_syn is not None and int(batch_syn) < 2:
+        raise ConfigError(
+            f"--batch-syn must be >= 2 (Barlow Twins standardises along the batch), got {batch_syn}"
+        )
+    if ssl_batch < 2:
+        raise ConfigError(
+            f"--ssl-batch must be >= 2 (Barlow Twins standardises along the batch), got {ssl_batch}"
+        )
+    if sl_batch < 1:
+        raise ConfigError(f"--sl-batch must be >= 1, got {sl_batch}")
 
 
 def check_against_run(options: Options, config: Config, num_real: int) -> None:
@@ -327,99 +330,6 @@ def steps_and_epochs(options: Options, config: Config, method: str) -> tuple[int
     return config.distill.syn_steps, config.distill.expert_epochs
 
 
-# ---------------------------------------------------------------- differentiable augmentation
-
-
-@dataclass(frozen=True)
-class ViewParams:
-    """The random parameters of one view of b images."""
-
-    affine: torch.Tensor  # (b, 2, 3): crop + flip, output -> input coordinates
-    colour: torch.Tensor  # (b, 3): brightness, contrast, saturation factors (1 = unchanged)
-    gray: torch.Tensor  # (b,) bool: grayscale
-
-
-class DiffAugment:
-    """Random SSL views of NORMALISED FLOAT images, differentiable w.r.t. the pixels (see the
-    module docstring): ``sample`` draws per-image parameters from a generator, ``apply`` maps
-    (b, C, H, W) normalised images to normalised views of the same size."""
-
-    def __init__(
-        self,
-        mean: Sequence[float],
-        std: Sequence[float],
-        crop_scale: tuple[float, float] = (0.2, 1.0),
-        crop_ratio: tuple[float, float] = (3 / 4, 4 / 3),
-        flip_p: float = 0.5,
-        jitter: tuple[float, float, float] = (0.4, 0.4, 0.4),
-        jitter_p: float = 0.8,
-        grayscale_p: float = 0.2,
-    ) -> None:
-        self.mean, self.std = tuple(float(m) for m in mean), tuple(float(s) for s in std)
-        self.crop_scale, self.crop_ratio, self.flip_p = crop_scale, crop_ratio, flip_p
-        self.jitter, self.jitter_p, self.grayscale_p = jitter, jitter_p, grayscale_p
-
-    def describe(self) -> dict[str, Any]:
-        """The augmentation's settings (JSON-able; part of the SSL experts' definition)."""
-        return {
-            "crop_scale": list(self.crop_scale),
-            "crop_ratio": list(self.crop_ratio),
-            "flip_p": self.flip_p,
-            "jitter": list(self.jitter),
-            "jitter_p": self.jitter_p,
-            "grayscale_p": self.grayscale_p,
-        }
-
-    def sample(self, b: int, gen: torch.Generator, device: torch.device) -> ViewParams:
-        """Parameters of one view of b images, drawn from ``gen`` (on its device), moved to ``device``."""
-
-        def uniform(lo: float, hi: float) -> torch.Tensor:
-            return lo + (hi - lo) * torch.rand(b, generator=gen, device=gen.device)
-
-        area = uniform(*self.crop_scale)
-        log_r = uniform(math.log(self.crop_ratio[0]), math.log(self.crop_ratio[1]))
-        w = torch.sqrt(area * torch.exp(log_r)).clamp(max=1)
-        h = torch.sqrt(area / torch.exp(log_r)).clamp(max=1)
-        cx, cy = (1 - w) * uniform(-1, 1), (1 - h) * uniform(-1, 1)
-        sign = 1 - 2 * (uniform(0, 1) < self.flip_p).float()
-        affine = torch.zeros(b, 2, 3, device=gen.device)
-        affine[:, 0, 0], affine[:, 0, 2], affine[:, 1, 1], affine[:, 1, 2] = sign * w, cx, h, cy
-        apply = uniform(0, 1) < self.jitter_p
-        factors = torch.stack([uniform(max(0.0, 1 - s), 1 + s) for s in self.jitter], dim=1)
-        colour = torch.where(apply[:, None], factors, torch.ones_like(factors))
-        gray = uniform(0, 1) < self.grayscale_p
-        return ViewParams(affine.to(device), colour.to(device), gray.to(device))
-
-    @staticmethod
-    def _luma(u: torch.Tensor) -> torch.Tensor:
-        if u.shape[1] != 3:
-            return u.mean(dim=1, keepdim=True)
-        w = torch.tensor((0.299, 0.587, 0.114), dtype=u.dtype, device=u.device).view(1, 3, 1, 1)
-        return (u * w).sum(dim=1, keepdim=True)
-
-    def apply(self, x: torch.Tensor, p: ViewParams) -> torch.Tensor:
-        """The view of normalised images ``x`` (b, C, H, W) with parameters ``p``: crop + flip,
-        brightness, contrast, saturation, grayscale in [0, 1] units, normalised again."""
-        mean = torch.tensor(self.mean, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
-        std = torch.tensor(self.std, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
-        u = x * std + mean
-        grid = F.affine_grid(p.affine.to(x.dtype), list(u.shape), align_corners=False)
-        u = F.grid_sample(u, grid, mode="bilinear", padding_mode="border", align_corners=False)
-        f = p.colour.to(x.dtype)
-        u = u * f[:, 0].view(-1, 1, 1, 1)
-        c = f[:, 1].view(-1, 1, 1, 1)
-        u = c * u + (1 - c) * self._luma(u).mean(dim=(1, 2, 3), keepdim=True)
-        if u.shape[1] == 3:
-            s = f[:, 2].view(-1, 1, 1, 1)
-            u = s * u + (1 - s) * self._luma(u)
-            u = torch.where(p.gray.view(-1, 1, 1, 1), self._luma(u).expand_as(u), u)
-        return (u - mean) / std
-
-    def __call__(self, x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-        """A random view of ``x`` (parameters drawn from ``gen``)."""
-        return self.apply(x, self.sample(len(x), gen, x.device))
-
-
 # ---------------------------------------------------------------- networks
 
 
@@ -446,13 +356,7 @@ def sl_network(config: Config, channels: int, image_size: int, classes: int) -> 
     return HeadedEncoder(encoder, nn.Linear(feature_dim(encoder), classes))
 
 
-# ---------------------------------------------------------------- inner loops
-
-StepLoss = Callable[[dict[str, torch.Tensor], torch.Tensor, int, torch.Tensor], torch.Tensor]
-"""(parameters by name, the batch's images, step n, the batch's indices) -> the inner loss."""
-LossMaker = Callable[[torch.Tensor, torch.Generator], StepLoss]
-"""(the (N, b) batches of one iteration, generator) -> the step loss of that iteration (draws its
-randomness, e.g. the views, from the generator once, so the loss is a fixed function of the pixels)."""
+# ---------------------------------------------------------------- inner losses
 
 
 def _float(t: torch.Tensor) -> torch.Tensor:
@@ -460,87 +364,54 @@ def _float(t: torch.Tensor) -> torch.Tensor:
     return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
 
 
-def ssl_loss_maker(net: nn.Module, augment: DiffAugment, loss_fn: nn.Module) -> LossMaker:
-    """MTT-SSL's inner loss: Barlow Twins of two views of the batch (each step's views drawn once
-    per iteration, view 1 then view 2, step by step)."""
+def ssl_loss_maker(augment: DiffAugment, loss_fn: nn.Module) -> InnerLossMaker:
+    """MTT-SSL's inner loss: per segment, ``loss_fn`` (Barlow Twins) of the network's outputs on two
+    views of the batch. The views of each step are drawn once per iteration (view 1 then view 2,
+    step by step; the same parameters for every segment), so the loss is a fixed function of the
+    pixels; the targets are not read."""
 
-    def make(batches: torch.Tensor, gen: torch.Generator) -> StepLoss:
-        device = batches.device
-        views = [(augment.sample(len(i), gen, device), augment.sample(len(i), gen, device)) for i in batches]
+    def make(batches: torch.Tensor, gen: torch.Generator) -> InnerLoss:
+        device, b = batches.device, batches.shape[-1]
+        views = [(augment.sample(b, gen, device), augment.sample(b, gen, device)) for _ in batches]
 
-        def loss(params: dict[str, torch.Tensor], x: torch.Tensor, n: int, idx: torch.Tensor) -> torch.Tensor:
-            z1 = torch.func.functional_call(net, params, (augment.apply(x, views[n][0]),))
-            z2 = torch.func.functional_call(net, params, (augment.apply(x, views[n][1]),))
-            return loss_fn(_float(z1), _float(z2))
-
-        return loss
-
-    return make
-
-
-def ce_loss_maker(net: nn.Module, labels: torch.Tensor) -> LossMaker:
-    """MTT-SL's inner loss: cross-entropy of the batch with its fixed labels."""
-
-    def make(batches: torch.Tensor, gen: torch.Generator) -> StepLoss:
-        def loss(params: dict[str, torch.Tensor], x: torch.Tensor, n: int, idx: torch.Tensor) -> torch.Tensor:
-            return F.cross_entropy(_float(torch.func.functional_call(net, params, (x,))), labels[idx])
+        def loss(
+            student: nn.Module, theta: torch.Tensor, x: torch.Tensor, z: torch.Tensor, n: int
+        ) -> torch.Tensor:
+            losses = []
+            for t, xb in zip(theta, x, strict=True):
+                params = unflatten_params(student, t)
+                z1 = torch.func.functional_call(student, params, (augment.apply(xb, views[n][0]),))
+                z2 = torch.func.functional_call(student, params, (augment.apply(xb, views[n][1]),))
+                losses.append(loss_fn(_float(z1), _float(z2)))
+            return torch.stack(losses).sum()
 
         return loss
 
     return make
 
 
-def kd_loss_maker(net: nn.Module, targets: torch.Tensor) -> LossMaker:
-    """MKDT's inner loss (the Distiller's): KD regression onto the fixed teacher targets."""
-    kd = KDLoss()
-
-    def make(batches: torch.Tensor, gen: torch.Generator) -> StepLoss:
-        def loss(params: dict[str, torch.Tensor], x: torch.Tensor, n: int, idx: torch.Tensor) -> torch.Tensor:
-            return kd(torch.func.functional_call(net, params, (x,)), targets[idx])
-
-        return loss
-
-    return make
-
-
-def unrolled_matching(
-    net: nn.Module,
-    start: torch.Tensor,
-    target: torch.Tensor,
-    images: torch.Tensor,
-    lr: torch.Tensor,
-    batches: torch.Tensor,
-    step_loss: StepLoss,
+def ce_inner_loss(
+    student: nn.Module, theta: torch.Tensor, x: torch.Tensor, z: torch.Tensor, n: int
 ) -> torch.Tensor:
-    """L_DD of one segment with the full autograd graph through N = len(batches) SGD steps
-    theta_{n+1} = theta_n - lr * grad step_loss(theta_n, images[b_n]); differentiable w.r.t.
-    ``images`` and ``lr`` (as :func:`mkdt.train.matching.unrolled_matching_loss`, any inner loss)."""
-    with torch.enable_grad():
-        theta = start.detach().requires_grad_(True)
-        for n, idx in enumerate(batches):
-            loss = step_loss(unflatten_params(net, theta), images[idx], n, idx)
-            grad = torch.autograd.grad(loss, theta, create_graph=True)[0]
-            theta = theta - lr * grad
-        return matching_distance(theta[None], start[None], target[None])
+    """MTT-SL's inner loss: per segment, the cross-entropy of the network's logits on the batch
+    with its fixed labels ``z`` (class indices)."""
+    losses = [
+        F.cross_entropy(_float(torch.func.functional_call(student, unflatten_params(student, t), (xb,))), zb)
+        for t, xb, zb in zip(theta, x, z, strict=True)
+    ]
+    return torch.stack(losses).sum()
 
 
-def inner_descent(
-    net: nn.Module,
-    start: torch.Tensor,
-    images: torch.Tensor,
-    lr: float,
-    batches: torch.Tensor,
-    step_loss: StepLoss,
-) -> torch.Tensor:
-    """theta_N of the same N steps without a graph (the alpha search; the tests)."""
-    theta = start.detach()
-    images = images.detach()
-    for n, idx in enumerate(batches):
-        with torch.enable_grad():
-            theta = theta.requires_grad_(True)
-            grad = torch.autograd.grad(step_loss(unflatten_params(net, theta), images[idx], n, idx), theta)[0]
-        theta = (theta - lr * grad).detach()
-    return theta
+def drawing_nothing(loss: InnerLoss) -> InnerLossMaker:
+    """The :data:`~mkdt.train.matching.InnerLossMaker` of a loss without randomness (KD, CE)."""
+
+    def make(batches: torch.Tensor, gen: torch.Generator) -> InnerLoss:
+        return loss
+
+    return make
+
+
+# ---------------------------------------------------------------- matching
 
 
 def choose_alpha(
@@ -548,18 +419,20 @@ def choose_alpha(
     start: torch.Tensor,
     target: torch.Tensor,
     images: torch.Tensor,
+    targets: torch.Tensor,
     steps: int,
     batch: int,
-    make_loss: LossMaker,
+    make_loss: InnerLossMaker,
     gen: torch.Generator,
 ) -> tuple[float, dict[str, float]]:
-    """The value of :data:`ALPHA_GRID` whose N inner steps from ``start`` end closest to
-    ``target`` (one draw of batches and views, the same for every value), with every distance."""
+    """The value of :data:`ALPHA_GRID` whose N inner steps (:func:`mkdt.train.matching.inner_steps`)
+    from ``start`` end closest to ``target`` (one draw of batches and views, the same for every
+    value), with every distance."""
     batches = sample_batches(len(images), batch, steps, gen).to(images.device)
-    step_loss = make_loss(batches, gen)
+    inner = make_loss(batches[:, None], gen)
     scores: dict[str, float] = {}
     for alpha in ALPHA_GRID:
-        theta = inner_descent(net, start, images, alpha, batches, step_loss)
+        theta = inner_steps(net, start, images, targets, alpha, batches, inner_loss=inner)
         scores[f"{alpha:g}"] = float(matching_distance(theta[None], start[None], target[None]))
     finite = {a: s for a, s in scores.items() if math.isfinite(s)}
     if not finite:
@@ -568,76 +441,35 @@ def choose_alpha(
     return float(best), scores
 
 
-class Matching(Protocol):
-    """What the loop reads of a matcher (:class:`Matcher` or the library's Distiller)."""
-
-    images: torch.Tensor
-    lr: torch.Tensor
-
-    def step(self) -> torch.Tensor: ...
+Draw = Callable[[Distiller], tuple[torch.Tensor, torch.Tensor]]
+"""How an iteration draws its segment: (expert k, start epoch s), each of shape (1,)."""
 
 
-class Matcher:
-    """MTT with any inner loss (unrolled): the learnable images and alpha_syn, their SGD optimizers
-    (as :class:`mkdt.train.matching.Distiller`); one :meth:`step` is one iteration."""
-
-    def __init__(
-        self,
-        net: nn.Module,
-        images: torch.Tensor,
-        bank: torch.Tensor,
-        steps: int,
-        batch: int,
-        make_loss: LossMaker,
-        alpha: float,
-        lr_img: float,
-        lr_lr: float,
-        momentum: float,
-        gen: torch.Generator,
-    ) -> None:
-        self.net, self.bank, self.steps, self.batch, self.make_loss, self.gen = (
-            net,
-            bank,
-            steps,
-            batch,
-            make_loss,
-            gen,
-        )
-        self.images = images.detach().clone().requires_grad_(True)
-        self.lr = torch.tensor(alpha, device=images.device, requires_grad=True)
-        self.opt_images = torch.optim.SGD([self.images], lr=lr_img, momentum=momentum)
-        self.opt_lr = torch.optim.SGD([self.lr], lr=lr_lr, momentum=momentum)
-
-    def step(self) -> torch.Tensor:
-        """Draw an expert (start epoch 0), batches and views; match; update the pixels and alpha."""
-        g = self.gen
-        k = int(torch.randint(len(self.bank), (1,), generator=g, device=g.device).item())
-        start, target = self.bank[k, 0], self.bank[k, -1]
-        batches = sample_batches(len(self.images), self.batch, self.steps, g).to(self.images.device)
-        step_loss = self.make_loss(batches, g)
-        loss = unrolled_matching(self.net, start, target, self.images, self.lr, batches, step_loss)
-        self.images.grad, self.lr.grad = torch.autograd.grad(loss, (self.images, self.lr))
-        self.opt_images.step()
-        self.opt_lr.step()
-        return loss.detach()
+def draw_expert(distiller: Distiller) -> tuple[torch.Tensor, torch.Tensor]:
+    """MTT-SSL's and MTT-SL's draw: an expert k uniformly from the distiller's generator, start
+    epoch 0 (no draw)."""
+    g = distiller.gen
+    ks = torch.randint(len(distiller.bank), (1,), generator=g, device=g.device)
+    return ks, torch.zeros_like(ks)
 
 
-def run_matching(name: str, matcher: Matching, iterations: int) -> dict[str, list[float]]:
-    """``iterations`` steps of ``matcher``: the loss, the mean |pixel change| from the start
-    (normalised space) and alpha_syn after each; a non-finite loss or alpha raises TrainingDiverged."""
-    init = matcher.images.detach().clone()
+def run_matching(name: str, distiller: Distiller, draw: Draw, iterations: int) -> dict[str, list[float]]:
+    """``iterations`` steps of ``distiller``, each on the segment ``draw`` gives: the loss, the mean
+    |pixel change| from the start (normalised space) and alpha_syn after each; a non-finite loss or
+    alpha raises TrainingDiverged."""
+    init = distiller.images.detach().clone()
     curves: dict[str, list[float]] = {"loss": [], "pixel_change": [], "alpha": []}
     bar = progress(range(iterations), desc=f"mtt {name}", unit="it")
     for it in bar:
-        loss = float(matcher.step())
-        alpha = float(matcher.lr.detach())
+        loss = float(distiller.step(draw(distiller)))
+        alpha = float(distiller.lr.detach())
         if not (math.isfinite(loss) and math.isfinite(alpha)):
             raise TrainingDiverged(
                 f"mtt analysis: {name} diverged at iteration {it + 1} (non-finite loss or alpha_syn); "
                 "lower --lr-img or --lr-lr, or set --alpha"
             )
         curves["loss"].append(loss)
-        curves["pixel_change"].append(float((matcher.images.detach() - init).abs().mean()))
+        curves["pixel_change"].append(float((distiller.images.detach() - init).abs().mean()))
         curves["alpha"].append(alpha)
         bar.set_postfix(loss=f"{loss:.4f}", alpha=f"{alpha:.4g}")
     return curves
@@ -706,11 +538,6 @@ def expert_definition(config: Config, options: Options, method: str, augment: Di
     }
 
 
-def expert_path(store: RunDir, method: str, k: int) -> Path:
-    """``RUN/analysis/mtt/<method>_expert_KKKK.safetensors``."""
-    return store.path / "analysis" / "mtt" / f"{method}_expert_{k:04d}.safetensors"
-
-
 def expert_trajectories(
     config: Config,
     options: Options,
@@ -726,15 +553,9 @@ def expert_trajectories(
     data, dev = real.data, real.device
     out, reused = [], []
     for k in range(options.experts):
-        path = expert_path(store, method, k)
-        fp = fingerprint(definition | {"index": k})
-        try:
-            found = path.is_file() and read_metadata(path).get("fingerprint") == fp
-        except ArtifactError:
-            found = False
-        if found:
-            tensors = load_tensors(path)[0]
-            out.append(Trajectory(tensors["params"], tuple(tensors["epochs"].tolist()), tensors["loss"]))
+        found = store.load_mtt_expert(method, k, definition)
+        if found is not None:
+            out.append(found)
             reused.append(True)
             continue
         with seeded(derive_seed(config.seed, "mtt", method, "expert", k, "init")):
@@ -787,44 +608,10 @@ def expert_trajectories(
                 False,
                 desc,
             )
-        tensors = {
-            "params": trajectory.params,
-            "epochs": torch.tensor(trajectory.epochs),
-            "loss": trajectory.loss,
-        }
-        save_tensors(path, tensors, {"fingerprint": fp, "defining": definition, "index": k})
+        store.save_mtt_expert(method, k, trajectory, definition)
         out.append(trajectory)
         reused.append(False)
     return out, reused
-
-
-# ---------------------------------------------------------------- the MTT-SSL set
-
-
-def mtt_ssl_path(store: RunDir) -> Path:
-    """``RUN/analysis/mtt/mtt_ssl.safetensors`` (:attr:`RunDir.mtt_ssl_path`)."""
-    return store.mtt_ssl_path
-
-
-def save_mtt_ssl(
-    store: RunDir, synthetic: SyntheticSet, mean: Sequence[float], std: Sequence[float], meta: dict[str, Any]
-) -> None:
-    """The MTT-SSL set in the distill stage's format (``images``, ``targets``, ``lr``; metadata
-    ``mean``, ``std``, ``iterations``) plus ``meta``."""
-    if synthetic.lr <= 0 or not math.isfinite(synthetic.lr) or not torch.isfinite(synthetic.images).all():
-        raise ArtifactError(
-            "the MTT-SSL set has non-finite images; lower --lr-img and rerun `mkdt analyze mtt`"
-        )
-    save_tensors(
-        mtt_ssl_path(store),
-        {"images": synthetic.images, "targets": synthetic.targets, "lr": torch.tensor(synthetic.lr)},
-        {"mean": list(mean), "std": list(std), **meta},
-    )
-
-
-def load_mtt_ssl(store: RunDir) -> SyntheticSet:
-    """The MTT-SSL distilled set of a run (:meth:`RunDir.load_mtt_ssl`)."""
-    return store.load_mtt_ssl()
 
 
 # ---------------------------------------------------------------- report
@@ -939,118 +726,143 @@ def plot(record: dict[str, Any], path: Path) -> None:
 # ---------------------------------------------------------------- main
 
 
-def analyse(
-    config: Config,
-    out: str | Path,
-    options: Options,
-    *,
-    preset: str | None = None,
-    runtime: Runtime | None = None,
-) -> dict[str, Any]:
-    """Check the run, train (or reuse) the experts, run the distillations, write
-    ``RUN/analysis/mtt.{json,md,png}`` and ``RUN/analysis/mtt/``; returns the record."""
-    run = open_run(config, out, ["teacher", "targets", "experts", "init"], preset=preset, runtime=runtime)
-    store, rt, real, z = run.store, run.runtime, run.real, run.targets
-    check_against_run(options, config, real.num_train)
-    data, dev, d = real.data, rt.device, config.distill
-    indices = store.load_indices(config.init.images)[d.init].to(dev)
-    init_images, init_targets = real.inputs[indices], z[indices]
-    init_labels = data.train_labels.to(dev)[indices]
-    augment = DiffAugment(data.mean, data.std)
+@dataclass(frozen=True)
+class InitSet:
+    """The common start of the three distillations: the init subset's normalised images (n, C, H, W)
+    on the device, the teacher targets (n, D) and the labels (n,) of those images."""
+
+    images: torch.Tensor
+    targets: torch.Tensor
+    labels: torch.Tensor
+
+
+@dataclass
+class MethodSetup:
+    """What one method's distillation is made of: the network the experts train, the experts, the
+    targets its inner loss reads (teacher targets or labels of the init images), the inner loss and
+    that loss in words."""
+
+    net: nn.Module
+    trajectories: list[Trajectory]
+    reused: list[bool]
+    targets: torch.Tensor
+    make_loss: InnerLossMaker
+    inner: str
+
+
+def prepare_method(
+    method: str, config: Config, options: Options, run: RunSetting, init: InitSet, augment: DiffAugment
+) -> MethodSetup:
+    """The experts (the run's KD experts for ``mkdt``; trained or reused for the others, see
+    :func:`expert_trajectories`), the network and the inner loss of ``method``."""
+    store, real, data, dev = run.store, run.real, run.real.data, run.runtime.device
+    net: nn.Module
+    if method == "mkdt":
+        epochs = config.distill.expert_epochs
+        fp = fingerprint(defining(config, "experts"))
+        trajectories = [store.load_expert(k, fp, list(range(epochs + 1))) for k in range(options.experts)]
+        net = build_network(config.experts.student, data.channels, data.image_size, run.targets.shape[1])
+        kd = drawing_nothing(kd_inner_loss)
+        return MethodSetup(
+            net.to(dev),
+            trajectories,
+            [True] * options.experts,
+            init.targets,
+            kd,
+            "KD (MSE to teacher targets)",
+        )
+    trajectories, reused = expert_trajectories(config, options, method, store, real, augment)
+    if method == "mtt_ssl":
+        net = ssl_network(config, data.channels, data.image_size, options.projector_dim).to(dev)
+        ssl = ssl_loss_maker(augment, BarlowTwinsLoss(config.teacher.bt_lambda))
+        return MethodSetup(net, trajectories, reused, init.targets, ssl, "Barlow Twins of 2 views")
+    net = sl_network(config, data.channels, data.image_size, data.num_classes).to(dev)
+    ce = drawing_nothing(ce_inner_loss)
+    return MethodSetup(net, trajectories, reused, init.labels, ce, "cross-entropy, fixed labels")
+
+
+def initial_alpha(
+    method: str, config: Config, options: Options, setup: MethodSetup, init: InitSet
+) -> tuple[float, dict[str, float]]:
+    """alpha_syn's start (see the module docstring) and, when searched, the grid's distances."""
+    if options.alpha is not None:
+        return options.alpha, {}
+    if options.alpha_mode == "auto" and method == "mkdt":
+        return config.distill.lr_init, {}
+    if options.alpha_mode == "auto" and method == "mtt_sl":
+        return options.sl_lr, {}
+    steps, epochs = steps_and_epochs(options, config, method)
+    dev = init.images.device
+    first = setup.trajectories[0]
+    start, target = first.at(0).to(dev), first.at(epochs).to(dev)
+    gen = generator(derive_seed(config.seed, "mtt", method, "alpha"), dev)
     batch = batch_syn(options, config)
-    t_all = time.perf_counter()
-    methods: dict[str, Any] = {}
-    matchers: dict[str, Matching] = {}
-    for method in options.methods:
-        t0 = time.perf_counter()
-        steps, epochs = steps_and_epochs(options, config, method)
-        net: nn.Module
-        if method == "mkdt":
-            fp = fingerprint(defining(config, "experts"))
-            trajectories = [store.load_expert(k, fp, list(range(epochs + 1))) for k in range(options.experts)]
-            reused = [True] * options.experts
-            net = build_network(config.experts.student, data.channels, data.image_size, z.shape[1]).to(dev)
-            make_loss = kd_loss_maker(net, init_targets)
-            inner = "KD (MSE to teacher targets)"
-        else:
-            trajectories, reused = expert_trajectories(config, options, method, store, real, augment)
-            if method == "mtt_ssl":
-                net = ssl_network(config, data.channels, data.image_size, options.projector_dim).to(dev)
-                make_loss = ssl_loss_maker(net, augment, BarlowTwinsLoss(config.teacher.bt_lambda))
-                inner = "Barlow Twins of 2 views"
-            else:
-                net = sl_network(config, data.channels, data.image_size, data.num_classes).to(dev)
-                make_loss = ce_loss_maker(net, init_labels)
-                inner = "cross-entropy, fixed labels"
-        net.train()
-        bank = torch.stack([torch.stack([t.at(0), t.at(epochs)]) for t in trajectories]).to(dev)
-        grid: dict[str, float] = {}
-        if options.alpha is not None:
-            alpha = options.alpha
-        elif options.alpha_mode == "auto" and method == "mkdt":
-            alpha = d.lr_init
-        elif options.alpha_mode == "auto" and method == "mtt_sl":
-            alpha = options.sl_lr
-        else:
-            alpha_gen = generator(derive_seed(config.seed, "mtt", method, "alpha"), dev)
-            alpha, grid = choose_alpha(
-                net, bank[0, 0], bank[0, 1], init_images, steps, batch, make_loss, alpha_gen
-            )
-        lr_lr = alpha_lr(options, config, alpha)
-        gen = generator(derive_seed(config.seed, "mtt", method, "distill"), dev)
-        matcher: Matching
-        if method == "mkdt":
-            recipe = dataclasses.replace(
-                d,
-                iterations=options.iterations,
-                lr_img=options.lr_img,
-                max_start_epoch=1,
-                lr_init=alpha,
-                lr_lr=lr_lr,
-                trajectories=1,
-                batch_syn=batch,
-                backend="unrolled",
-            )
-            matcher = Distiller(
-                net, rt.images(init_images), init_targets, trajectories, recipe, gen, "unrolled", rt
-            )
-        else:
-            matcher = Matcher(
-                net,
-                init_images,
-                bank,
-                steps,
-                batch,
-                make_loss,
-                alpha,
-                options.lr_img,
-                lr_lr,
-                d.momentum,
-                gen,
-            )
-        curves = run_matching(method, matcher, options.iterations)
-        matchers[method] = matcher
-        methods[method] = {
-            "N": steps,
-            "M": epochs,
-            "inner_loss": inner,
-            "alpha_init": alpha,
-            "alpha_grid": grid,
-            "lr_lr": lr_lr,
-            "experts_reused": reused,
-            "expert_loss": [t.loss.tolist() for t in trajectories],
-            **curves,
-            "summary": summarise(curves, data.std),
-            "seconds": time.perf_counter() - t0,
-        }
-    spec = config.experts.student
-    student = f"{spec.arch} width {spec.width}" + (f" depth {spec.depth}" if spec.arch == "convnet" else "")
+    return choose_alpha(
+        setup.net, start, target, init.images, setup.targets, steps, batch, setup.make_loss, gen
+    )
+
+
+def distill_method(
+    method: str, config: Config, options: Options, run: RunSetting, init: InitSet, augment: DiffAugment
+) -> tuple[dict[str, Any], Distiller]:
+    """Run one method's distillation; returns its part of the record and its Distiller."""
+    t0 = time.perf_counter()
+    d, rt, dev = config.distill, run.runtime, run.runtime.device
+    steps, epochs = steps_and_epochs(options, config, method)
+    setup = prepare_method(method, config, options, run, init, augment)
+    setup.net.train()
+    alpha, grid = initial_alpha(method, config, options, setup, init)
+    lr_lr = alpha_lr(options, config, alpha)
+    recipe = MatchingRecipe(
+        iterations=options.iterations,
+        syn_steps=steps,
+        expert_epochs=epochs,
+        max_start_epoch=1,
+        batch_syn=batch_syn(options, config),
+        lr_img=options.lr_img,
+        lr_lr=lr_lr,
+        lr_init=alpha,
+        momentum=d.momentum,
+        learn_targets=d.learn_targets and method == "mkdt",
+        lr_targets=d.lr_targets,
+        trajectories=1,
+    )
+    kd = method == "mkdt"  # the run's runtime (precision, layout) and the distill stage's draw
+    distiller = Distiller(
+        student=setup.net,
+        images=rt.images(init.images) if kd else init.images,
+        targets=setup.targets,
+        trajectories=setup.trajectories,
+        recipe=recipe,
+        gen=generator(derive_seed(config.seed, "mtt", method, "distill"), dev),
+        backend="unrolled",
+        runtime=rt if kd else None,
+        make_inner_loss=setup.make_loss,
+    )
+    curves = run_matching(method, distiller, Distiller.draw if kd else draw_expert, options.iterations)
+    row = {
+        "N": steps,
+        "M": epochs,
+        "inner_loss": setup.inner,
+        "alpha_init": alpha,
+        "alpha_grid": grid,
+        "lr_lr": lr_lr,
+        "experts_reused": setup.reused,
+        "expert_loss": [t.loss.tolist() for t in setup.trajectories],
+        **curves,
+        "summary": summarise(curves, run.real.data.std),
+        "seconds": time.perf_counter() - t0,
+    }
+    return row, distiller
+
+
+def scaled_down(options: Options, config: Config, num_real: int, student: str) -> list[str]:
+    """What the analysis scaled down from, or interpreted in, the paper's setting (the table's line)."""
     scaled = [
         f"{options.iterations} iterations"
         + (" (the paper: 100)" if options.iterations != 100 else " (as the paper)"),
         f"{options.experts} expert(s) per method (the paper's Fig. 1b: a single expert)",
-        f"D_real = the run's {real.num_train} images and student {student} "
-        "(the paper: CIFAR100, 3-layer ConvNet)",
+        f"D_real = the run's {num_real} images and student {student} (the paper: CIFAR100, 3-layer ConvNet)",
         "MTT-SSL / MTT-SL experts trained only to epoch M (all a start epoch of 0 needs)",
         f"Barlow Twins projector width {options.projector_dim}",
         "MTT-SSL views: the differentiable crop/flip/colour-jitter/grayscale DiffAugment (no hue, blur, "
@@ -1076,59 +888,102 @@ def analyse(
             f"expert recipes changed from A.2: SSL batch {options.ssl_batch} lr {options.ssl_lr:g}, "
             f"SL batch {options.sl_batch} lr {options.sl_lr:g}"
         )
-    record: dict[str, Any] = {
-        "settings": {
-            "run": str(store.path),
-            "data": config.data.name,
-            "num_images": real.num_train,
-            "seed": config.seed,
-            "student": student,
-            "init": d.init,
-            "syn_images": len(init_images),
-            "iterations": options.iterations,
-            "experts": options.experts,
-            "lr_img": options.lr_img,
-            "lr_lr_rule": alpha_lr_rule(options, config),
-            "momentum": d.momentum,
-            "batch_syn": batch,
-            "options": dataclasses.asdict(options),
-            "experts_recipe": {
-                "mtt_ssl": f"Barlow Twins, Adam lr {options.ssl_lr:g}, weight decay "
-                f"{SSL_WEIGHT_DECAY:g}, batch "
-                f"{options.ssl_batch}, {real.num_train // options.ssl_batch} steps per epoch",
-                "mtt_sl": f"cross-entropy, SGD lr {options.sl_lr:g}, batch {options.sl_batch}, "
-                f"{math.ceil(real.num_train / options.sl_batch)} steps per epoch",
-                "mkdt": f"the run's {config.experts.num_experts} KD experts (first "
-                f"{options.experts} used), SGD lr "
-                f"{config.experts.lr:g}, batch {config.experts.batch_size}",
-            },
-            "pixel_space": "normalised: (x / 255 - mean) / std",
-            "std": list(data.std),
-            "scaled_down": scaled,
-            "paper": PAPER,
-            "alpha_grid": list(ALPHA_GRID),
-            "device": str(dev),
-            "torch_threads": torch.get_num_threads(),
-            "seconds": time.perf_counter() - t_all,
+    return scaled
+
+
+def settings(
+    config: Config, options: Options, run: RunSetting, init: InitSet, seconds: float
+) -> dict[str, Any]:
+    """The record's ``settings``: the run, the options, the expert recipes and what was scaled down."""
+    real, d = run.real, config.distill
+    spec = config.experts.student
+    student = f"{spec.arch} width {spec.width}" + (f" depth {spec.depth}" if spec.arch == "convnet" else "")
+    return {
+        "run": str(run.store.path),
+        "data": config.data.name,
+        "num_images": real.num_train,
+        "seed": config.seed,
+        "student": student,
+        "init": d.init,
+        "syn_images": len(init.images),
+        "iterations": options.iterations,
+        "experts": options.experts,
+        "lr_img": options.lr_img,
+        "lr_lr_rule": alpha_lr_rule(options, config),
+        "momentum": d.momentum,
+        "batch_syn": batch_syn(options, config),
+        "options": dataclasses.asdict(options),
+        "experts_recipe": {
+            "mtt_ssl": f"Barlow Twins, Adam lr {options.ssl_lr:g}, weight decay "
+            f"{SSL_WEIGHT_DECAY:g}, batch "
+            f"{options.ssl_batch}, {real.num_train // options.ssl_batch} steps per epoch",
+            "mtt_sl": f"cross-entropy, SGD lr {options.sl_lr:g}, batch {options.sl_batch}, "
+            f"{math.ceil(real.num_train / options.sl_batch)} steps per epoch",
+            "mkdt": f"the run's {config.experts.num_experts} KD experts (first "
+            f"{options.experts} used), SGD lr "
+            f"{config.experts.lr:g}, batch {config.experts.batch_size}",
         },
+        "pixel_space": "normalised: (x / 255 - mean) / std",
+        "std": list(real.data.std),
+        "scaled_down": scaled_down(options, config, real.num_train, student),
+        "paper": PAPER,
+        "alpha_grid": list(ALPHA_GRID),
+        "device": str(run.runtime.device),
+        "torch_threads": torch.get_num_threads(),
+        "seconds": seconds,
+    }
+
+
+def save_ssl_set(
+    store: RunDir, distiller: Distiller, data: ImageData, config: Config, options: Options
+) -> None:
+    """The MTT-SSL set (:meth:`RunDir.save_mtt_ssl`): the distilled images, the run's teacher targets
+    of the init images (the distiller's fixed targets) and ``evaluate.lr``; the learned alpha_syn is
+    kept as ``alpha_ssl`` in the metadata."""
+    images, targets = distiller.images.detach().cpu(), distiller.targets.detach().cpu()
+    synthetic = SyntheticSet(images, targets, config.evaluate.lr)
+    meta = {
+        "iterations": options.iterations,
+        "alpha_ssl": float(distiller.lr.detach()),
+        "lr_note": "lr = evaluate.lr (KD pre-training lr of real subsets); alpha_ssl is "
+        "MTT-SSL's learned "
+        "step size for SGD on the Barlow Twins loss, not a KD learning rate",
+        "targets_note": "the run's teacher targets of the init images",
+    }
+    store.save_mtt_ssl(synthetic, data.mean, data.std, meta)
+
+
+def analyse(
+    config: Config,
+    out: str | Path,
+    options: Options,
+    *,
+    preset: str | None = None,
+    runtime: Runtime | None = None,
+) -> dict[str, Any]:
+    """Check the run, train (or reuse) the experts, run the distillations, write
+    ``RUN/analysis/mtt.{json,md,png}`` and ``RUN/analysis/mtt/``; returns the record."""
+    run = open_run(config, out, ["teacher", "targets", "experts", "init"], preset=preset, runtime=runtime)
+    store, real, dev = run.store, run.real, run.runtime.device
+    check_against_run(options, config, real.num_train)
+    indices = store.load_indices(config.init.images)[config.distill.init].to(dev)
+    init = InitSet(real.inputs[indices], run.targets[indices], real.data.train_labels.to(dev)[indices])
+    augment = DiffAugment(real.data.mean, real.data.std)
+    t_all = time.perf_counter()
+    methods: dict[str, Any] = {}
+    distillers: dict[str, Distiller] = {}
+    for method in options.methods:
+        methods[method], distillers[method] = distill_method(method, config, options, run, init, augment)
+    record: dict[str, Any] = {
+        "settings": settings(config, options, run, init, time.perf_counter() - t_all),
         "methods": methods,
     }
     record["verdict"] = verdict(methods)
-    if not rt.is_main:
+    if not run.runtime.is_main:
         return record
-    if "mtt_ssl" in matchers:
-        ssl = matchers["mtt_ssl"]
-        synthetic = SyntheticSet(ssl.images.detach().cpu(), init_targets.cpu(), config.evaluate.lr)
-        meta = {
-            "iterations": options.iterations,
-            "alpha_ssl": float(ssl.lr.detach()),
-            "lr_note": "lr = evaluate.lr (KD pre-training lr of real subsets); alpha_ssl is "
-            "MTT-SSL's learned "
-            "step size for SGD on the Barlow Twins loss, not a KD learning rate",
-            "targets_note": "the run's teacher targets of the init images",
-        }
-        save_mtt_ssl(store, synthetic, data.mean, data.std, meta)
-    folder = store.path / "analysis"
+    if "mtt_ssl" in distillers:
+        save_ssl_set(store, distillers["mtt_ssl"], real.data, config, options)
+    folder = store.analysis_dir
     write_json(folder / "mtt.json", record)
     write_text(folder / "mtt.md", render_table(record))
     plot(record, folder / "mtt.png")
@@ -1139,6 +994,6 @@ def main(args: argparse.Namespace, config: Config) -> None:
     """Check the options, run the analysis on ``args.out``, print the table."""
     options = parse_options(args)
     analyse(config, args.out, options, preset=getattr(args, "preset", None))
-    folder = Path(args.out) / "analysis"
+    folder = RunDir(args.out).analysis_dir
     print((folder / "mtt.md").read_text(), end="")
     print(f"wrote {folder}/mtt.{{md,json,png}} and {folder}/mtt/")

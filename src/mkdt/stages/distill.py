@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from mkdt.config import Config
+from mkdt.config import Config, DistillConfig
 from mkdt.data.real import RealData
 from mkdt.files import fingerprint
 from mkdt.graph import defining
@@ -37,7 +37,7 @@ from mkdt.stages.context import StageContext, check_disk, distilled_set_bytes
 from mkdt.store import RunDir, SyntheticSet
 from mkdt.train.checkpoint import PeriodicCheckpoint
 from mkdt.train.kd import Trajectory
-from mkdt.train.matching import Distiller, History, distill, resolve_backend
+from mkdt.train.matching import Distiller, History, MatchingRecipe, distill, resolve_backend
 
 STAGE = "distill"
 
@@ -91,14 +91,34 @@ def scratch_files(store: RunDir) -> tuple[Path, ...]:
     return tuple(path for v in views for path in (v.distill_checkpoint_path, *v.snapshot_paths()))
 
 
+def matching_recipe(d: DistillConfig) -> MatchingRecipe:
+    """The matching math of the ``distill`` section; its settings (``backend``, ``log_every``,
+    ``checkpoint_every``, ``snapshots``, ``variants``) are passed apart."""
+    return MatchingRecipe(
+        iterations=d.iterations,
+        syn_steps=d.syn_steps,
+        expert_epochs=d.expert_epochs,
+        max_start_epoch=d.max_start_epoch,
+        batch_syn=d.batch_syn,
+        lr_img=d.lr_img,
+        lr_lr=d.lr_lr,
+        lr_init=d.lr_init,
+        momentum=d.momentum,
+        learn_targets=d.learn_targets,
+        lr_targets=d.lr_targets,
+        trajectories=d.trajectories,
+    )
+
+
 @dataclass
 class MatchingInputs:
     """What every set of the stage is matched with: the teacher targets of D_real, the experts'
-    trajectories, the student network and the resolved backend."""
+    trajectories, the student network, the recipe and the resolved backend."""
 
     z: torch.Tensor
     trajectories: list[Trajectory]
     student: nn.Module
+    recipe: MatchingRecipe
     backend: str
 
     @classmethod
@@ -110,9 +130,11 @@ class MatchingInputs:
         trajectories = [ctx.store.load_expert(k, fp, needed) for k in range(config.experts.num_experts)]
         student = build_network(config.experts.student, data.channels, data.image_size, z.shape[1])
         student = student.to(rt.device)
-        shape = ctx.real.inputs.shape[1:]
-        backend = resolve_backend(config.distill, student, shape, rt.device, config.init.images)
-        return cls(z, trajectories, student, backend)
+        recipe, shape = matching_recipe(config.distill), ctx.real.inputs.shape[1:]
+        backend = resolve_backend(
+            config.distill.backend, recipe, student, shape, rt.device, config.init.images
+        )
+        return cls(z, trajectories, student, recipe, backend)
 
 
 def distill_set(
@@ -126,15 +148,15 @@ def distill_set(
     init = files.variant_init or r.init
     indices = ctx.store.load_indices(config.init.images, [init])[init].to(rt.device)
     distiller = Distiller(
-        inputs.student,
-        rt.images(ctx.real.inputs[indices]),
-        inputs.z[indices],
-        inputs.trajectories,
-        r,
-        generator(derive_seed(config.seed, "distill"), rt.device),
-        inputs.backend,
-        rt,
-        data.std,
+        student=inputs.student,
+        images=rt.images(ctx.real.inputs[indices]),
+        targets=inputs.z[indices],
+        trajectories=inputs.trajectories,
+        recipe=inputs.recipe,
+        gen=generator(derive_seed(config.seed, "distill"), rt.device),
+        backend=inputs.backend,
+        runtime=rt,
+        pixel_std=data.std,
     )
     spec = {**ctx.spec, "distill": {**ctx.spec["distill"], "init": init}}
     checkpoint = PeriodicCheckpoint(
@@ -149,7 +171,9 @@ def distill_set(
         if rt.is_main and done in r.snapshots:
             files.save_synthetic(current(distiller), data.mean, data.std, done, files.snapshot_path(done))
 
-    matched = distill(distiller, checkpoint, write_history, snapshot)
+    matched = distill(
+        distiller, checkpoint, log_every=r.log_every, on_history=write_history, on_iteration=snapshot
+    )
     final = current(distiller)
     if rt.is_main:
         files.save_synthetic(final, data.mean, data.std, r.iterations)

@@ -2,10 +2,12 @@
 N inner SGD steps on the synthetic set, two ways, and the loop that optimises the set.
 
 One iteration draws B segments (expert k, start epoch s), starts a student at theta*_{k,s}, takes
-N steps theta_{n+1} = theta_n - alpha_syn * grad KDLoss(f_{theta_n}(x_b), Z_syn[b]) on synthetic
-mini-batches, and scores theta_N with :func:`~mkdt.nn.losses.matching_distance` against
-theta*_{k,s+M}. Its gradient with respect to the pixels, alpha_syn (and Z_syn when learned) comes
-from one of two backends with the same values:
+N steps theta_{n+1} = theta_n - alpha_syn * grad L_in(theta_n; x_b, z_b) on synthetic mini-batches
+(images x, targets z), and scores theta_N with :func:`~mkdt.nn.losses.matching_distance` against
+theta*_{k,s+M}. The inner loss L_in is an argument (:data:`InnerLoss`); by default it is the KD loss
+KDLoss(f_theta(x_b), z_b) (:func:`kd_inner_loss`), and ``mkdt analyze mtt`` passes its SSL and
+cross-entropy losses. The gradient with respect to the pixels, alpha_syn (and Z_syn when learned)
+comes from one of two backends with the same values:
 
 - ``unrolled`` (:func:`unrolled_matching_loss`): the full autograd graph (memory grows with N);
 - ``recompute`` (:func:`recompute_matching_grads`): keeps only the N + 1 parameter vectors and
@@ -20,7 +22,7 @@ import time
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 from torch import nn
@@ -37,23 +39,33 @@ _PER_MEMBER = KDLoss("per_member")
 Autocast = Callable[[], Any]
 
 
-class MatchingRecipe(Protocol):
-    """What matching reads of the distillation config (:class:`mkdt.config.DistillConfig`)."""
+@dataclass(frozen=True, kw_only=True)
+class MatchingRecipe:
+    """The matching problem and its optimisation (the math; how it is computed -- the backend, how
+    often the loss is read back, checkpoints -- is passed apart)."""
 
-    iterations: int
-    syn_steps: int
-    expert_epochs: int
-    max_start_epoch: int
-    batch_syn: int
-    lr_img: float
-    lr_lr: float
-    lr_init: float
-    momentum: float
-    learn_targets: bool
-    lr_targets: float
-    trajectories: int
-    backend: str
-    log_every: int
+    iterations: int  # iterations of :func:`distill`
+    syn_steps: int  # N: inner SGD steps per segment
+    expert_epochs: int  # M: the expert epochs a segment spans (theta*_s -> theta*_{s+M})
+    max_start_epoch: int  # T+: segments start at an epoch s in [0, T+)
+    batch_syn: int  # synthetic images per inner step (at most the set's size)
+    lr_img: float  # SGD learning rate of the pixels
+    lr_lr: float  # SGD learning rate of alpha_syn
+    lr_init: float  # initial alpha_syn
+    momentum: float  # SGD momentum of every optimizer of the set
+    learn_targets: bool  # whether Z_syn is learned
+    lr_targets: float  # SGD learning rate of Z_syn when learned
+    trajectories: int  # B: segments matched per iteration (their losses averaged)
+
+
+InnerLoss = Callable[[nn.Module, torch.Tensor, torch.Tensor, torch.Tensor, int], torch.Tensor]
+"""(student, theta (B, P), x (B, b, C, H, W), z (B, b, ...), step n) -> the sum over the B segments
+of segment b's inner loss at parameters theta_b on its batch (x_b, z_b), so that its gradient w.r.t.
+theta gives each segment its own. A fixed function of its arguments: the ``recompute`` backend
+rebuilds step n from them. z is whatever the loss regresses or classifies on (a loss may ignore it)."""
+InnerLossMaker = Callable[[torch.Tensor, torch.Generator], InnerLoss]
+"""(an iteration's batches (N, B, b), the generator) -> that iteration's :data:`InnerLoss`, its
+randomness (e.g. augmentation parameters) drawn from the generator once."""
 
 
 def sample_batches(n: int, batch_size: int, steps: int, gen: torch.Generator) -> torch.Tensor:
@@ -68,15 +80,15 @@ def sample_batches(n: int, batch_size: int, steps: int, gen: torch.Generator) ->
     return torch.cat(perms)[:steps]
 
 
-def _segment_grads(
-    student: nn.Module, theta: torch.Tensor, x: torch.Tensor, z: torch.Tensor, create_graph: bool
+def kd_inner_loss(
+    student: nn.Module, theta: torch.Tensor, x: torch.Tensor, z: torch.Tensor, n: int
 ) -> torch.Tensor:
-    """Inner gradients g_b = grad_theta KDLoss(f_{theta_b}(x_b), z_b) of B segments at once.
+    """The distillation's :data:`InnerLoss`: sum_b KDLoss(f_{theta_b}(x_b), z_b) (the mean squared
+    error to the teacher targets z; the step n is not used).
 
-    ``theta`` (B, P), ``x`` (B, b, C, H, W), ``z`` (B, b, D) -> (B, P). B > 1 runs the students with
-    ``torch.func.vmap``; the loss summed over segments gives each segment its own gradient. Buffers
-    (batch-norm running statistics, which a training-mode forward updates but never reads) get one
-    scratch copy per segment there, so vmap can update them.
+    ``theta`` (B, P), ``x`` (B, b, C, H, W), ``z`` (B, b, D). B > 1 runs the students with
+    ``torch.func.vmap``. Buffers (batch-norm running statistics, which a training-mode forward
+    updates but never reads) get one scratch copy per segment there, so vmap can update them.
     """
     if theta.shape[0] == 1:
         out = torch.func.functional_call(student, unflatten_params(student, theta[0]), (x[0],))[None]
@@ -87,7 +99,21 @@ def _segment_grads(
             return torch.func.functional_call(student, (unflatten_params(student, t), buf), (xb,))
 
         out = torch.func.vmap(forward)(theta, buffers, x)
-    loss = _PER_MEMBER(out, z).sum()
+    return _PER_MEMBER(out, z).sum()
+
+
+def _segment_grads(
+    student: nn.Module,
+    theta: torch.Tensor,
+    x: torch.Tensor,
+    z: torch.Tensor,
+    create_graph: bool,
+    inner_loss: InnerLoss,
+    n: int,
+) -> torch.Tensor:
+    """Inner gradients g_b = grad_theta L_in(theta_b; x_b, z_b) of B segments at step n at once:
+    ``theta`` (B, P), ``x`` (B, b, C, H, W), ``z`` (B, b, ...) -> (B, P)."""
+    loss = inner_loss(student, theta, x, z, n)
     return torch.autograd.grad(loss, theta, create_graph=create_graph)[0]
 
 
@@ -109,8 +135,10 @@ def unrolled_matching_loss(
     lr: torch.Tensor,
     batches: torch.Tensor,
     autocast: Autocast = nullcontext,
+    inner_loss: InnerLoss = kd_inner_loss,
 ) -> torch.Tensor:
-    """L_DD with the full autograd graph through the N = len(batches) SGD steps (the reference).
+    """L_DD with the full autograd graph through the N = len(batches) SGD steps on ``inner_loss``
+    (the reference).
 
     One segment (``start``/``target`` (P,), ``batches`` (N, b)) or B segments ((B, P), (N, B, b)),
     whose losses are averaged. Differentiable w.r.t. ``images``, ``targets`` and ``lr``; memory
@@ -119,9 +147,9 @@ def unrolled_matching_loss(
     start, target, batches = _as_segments(start, target, batches)
     with torch.enable_grad():  # the inner gradients are needed even under no_grad
         theta = start.detach().requires_grad_(True)
-        for idx in batches:
+        for n, idx in enumerate(batches):
             with autocast():
-                grad = _segment_grads(student, theta, images[idx], targets[idx], create_graph=True)
+                grad = _segment_grads(student, theta, images[idx], targets[idx], True, inner_loss, n)
             theta = theta - lr * grad
         return matching_distance(theta, start, target)
 
@@ -134,16 +162,19 @@ def inner_steps(
     lr: float,
     batches: torch.Tensor,
     autocast: Autocast = nullcontext,
+    inner_loss: InnerLoss = kd_inner_loss,
 ) -> torch.Tensor:
-    """theta_N of the inner loop, without a graph: from ``start`` (P,), N = len(batches) steps
-    theta_{n+1} = theta_n - lr * grad KDLoss(f_{theta_n}(images[b_n]), targets[b_n]), exactly the
-    steps the distillation differentiates through (for replaying a finished set)."""
+    """theta_N of the inner loop of one segment, without a graph: from ``start`` (P,), N =
+    len(batches) steps theta_{n+1} = theta_n - lr * grad L_in(theta_n; images[b_n], targets[b_n])
+    (``batches`` (N, b); ``inner_loss`` is called with B = 1), exactly the steps the distillation
+    differentiates through (for replaying a finished set, or searching a step size)."""
     theta = start.detach()
-    for idx in batches:
+    for n, idx in enumerate(batches):
         with torch.enable_grad():
             theta = theta.requires_grad_(True)
             with autocast():
-                grad = _segment_grads(student, theta[None], images[idx][None], targets[idx][None], False)[0]
+                x, z = images[idx][None], targets[idx][None]
+                grad = _segment_grads(student, theta[None], x, z, False, inner_loss, n)[0]
         theta = (theta - lr * grad).detach()
     return theta
 
@@ -168,6 +199,7 @@ def recompute_matching_grads(
     batches: torch.Tensor,
     learn_targets: bool = False,
     autocast: Autocast = nullcontext,
+    inner_loss: InnerLoss = kd_inner_loss,
 ) -> MatchingGrads:
     """The exact gradient of :func:`unrolled_matching_loss` in memory independent of N.
 
@@ -185,7 +217,7 @@ def recompute_matching_grads(
     for n, idx in enumerate(batches):
         theta = thetas[n].detach().requires_grad_(True)
         with torch.enable_grad(), autocast():
-            grad = _segment_grads(student, theta, images_d[idx], targets_d[idx], create_graph=False)
+            grad = _segment_grads(student, theta, images_d[idx], targets_d[idx], False, inner_loss, n)
         torch.sub(thetas[n], alpha * grad, out=thetas[n + 1])
         del grad
     theta_n = thetas[-1]
@@ -201,7 +233,7 @@ def recompute_matching_grads(
         z = targets_d[idx].requires_grad_(learn_targets)
         with torch.enable_grad():
             with autocast():
-                grad = _segment_grads(student, theta, x, z, create_graph=True)
+                grad = _segment_grads(student, theta, x, z, True, inner_loss, n)
             inputs = (theta, x, z) if learn_targets else (theta, x)
             products = torch.autograd.grad(grad, inputs, grad_outputs=lam)
         grad_lr -= (lam * grad.detach()).sum()
@@ -225,18 +257,19 @@ def matching_grads(
     batches: torch.Tensor,
     learn_targets: bool = False,
     autocast: Autocast = nullcontext,
+    inner_loss: InnerLoss = kd_inner_loss,
 ) -> MatchingGrads:
     """L_DD and its gradients with the ``unrolled`` or the ``recompute`` backend (same values)."""
     if backend == "recompute":
         return recompute_matching_grads(
-            student, start, target, images, targets, lr, batches, learn_targets, autocast
+            student, start, target, images, targets, lr, batches, learn_targets, autocast, inner_loss
         )
     leaves = (
         images.detach().requires_grad_(True),
         targets.detach().requires_grad_(learn_targets),
         lr.detach().requires_grad_(True),
     )
-    loss = unrolled_matching_loss(student, start, target, *leaves, batches, autocast)
+    loss = unrolled_matching_loss(student, start, target, *leaves, batches, autocast, inner_loss)
     wrt = leaves if learn_targets else (leaves[0], leaves[2])
     grads = torch.autograd.grad(loss, wrt)
     return MatchingGrads(loss.detach(), grads[0], grads[1] if learn_targets else None, grads[-1])
@@ -250,11 +283,15 @@ def device_memory_bytes(device: torch.device) -> int:
 
 
 class Distiller:
-    """The trainable synthetic set and its optimizers; one :meth:`step` is one iteration.
+    """The trainable synthetic set and its optimizers; one :meth:`step` is one iteration of
+    ``recipe`` with the ``backend`` (``unrolled`` or ``recompute``).
 
     ``runtime`` runs the inner steps' forward passes under its autocast (the caller lays the
     images out with ``runtime.images``); parameters, gradients and the matching loss stay float32.
     ``pixel_std`` (the data's per-channel std) puts :meth:`pixel_change` in pixel units.
+    ``make_inner_loss`` builds each iteration's inner loss from its batches and the generator,
+    after the segments and batches are drawn (:data:`InnerLossMaker`); None: the KD loss
+    :func:`kd_inner_loss` on ``targets``.
 
     The expert epochs a segment can start or end at (0 .. T+ - 1 + M) of every trajectory are
     stacked once into one (K, T+ + M, P) bank, kept on the synthetic set's device when it takes at
@@ -264,6 +301,7 @@ class Distiller:
 
     def __init__(
         self,
+        *,
         student: nn.Module,
         images: torch.Tensor,
         targets: torch.Tensor,
@@ -273,10 +311,12 @@ class Distiller:
         backend: str = "recompute",
         runtime: Runtime | None = None,
         pixel_std: Sequence[float] | None = None,
+        make_inner_loss: InnerLossMaker | None = None,
     ) -> None:
         self.student, self.recipe, self.gen = student, recipe, gen
         self.runtime = runtime or Runtime(images.device)
         self.backend = backend
+        self.make_inner_loss = make_inner_loss
         device = images.device
         epochs = range(recipe.max_start_epoch + recipe.expert_epochs)
         bank = torch.stack([torch.stack([t.at(e) for e in epochs]) for t in trajectories])
@@ -340,8 +380,9 @@ class Distiller:
             ],
             dim=1,
         ).to(device)  # (N, B, b)
+        inner = kd_inner_loss if self.make_inner_loss is None else self.make_inner_loss(batches, self.gen)
         if rt.distributed:
-            result = self._distributed_grads(start, target, batches)
+            result = self._distributed_grads(start, target, batches, inner)
         else:
             result = matching_grads(
                 self.backend,
@@ -354,6 +395,7 @@ class Distiller:
                 batches,
                 r.learn_targets,
                 rt.autocast,
+                inner,
             )
         self.images.grad, self.lr.grad = result.images, result.lr
         if self.opt_targets is not None:
@@ -363,7 +405,7 @@ class Distiller:
         return result.loss
 
     def _distributed_grads(
-        self, start: torch.Tensor, target: torch.Tensor, batches: torch.Tensor
+        self, start: torch.Tensor, target: torch.Tensor, batches: torch.Tensor, inner: InnerLoss
     ) -> MatchingGrads:
         """This rank's segments matched, weighted by their share of B, summed over the ranks."""
         rt, r = self.runtime, self.recipe
@@ -380,6 +422,7 @@ class Distiller:
                 batches[:, mine],
                 r.learn_targets,
                 rt.autocast,
+                inner,
             )
             share = len(mine) / r.trajectories
             parts = [local.loss * share, local.images * share, local.lr * share]
@@ -487,12 +530,14 @@ class MatchingRun:
 def distill(
     distiller: Distiller,
     checkpoint: PeriodicCheckpoint,
+    *,
+    log_every: int,
     on_history: Callable[[History, int], None] | None = None,
     on_iteration: Callable[[int], None] | None = None,
 ) -> MatchingRun:
     """Run ``distiller`` for ``recipe.iterations`` iterations, resuming from ``checkpoint``.
 
-    The :class:`History` stays on the device and is read back every ``recipe.log_every``
+    The :class:`History` stays on the device and is read back every ``log_every``
     iterations and at each checkpoint (progress bar, divergence check); a non-finite loss or
     alpha_syn raises ArtifactError naming the options to lower. ``on_history(history, since)`` is
     called once after resuming with ``since=0`` (the history the checkpoint holds) and then before
@@ -523,12 +568,12 @@ def distill(
         if on_iteration is not None:
             on_iteration(done)
         save = checkpoint.due(done, r.iterations)
-        if first is None or save or done % r.log_every == 0 or done == r.iterations:
+        if first is None or save or done % log_every == 0 or done == r.iterations:
             history.extend(torch.stack(pending).tolist())  # waits for the device
             pending.clear()
             if first is None:
                 first = time.perf_counter() - start
-            recent = history.loss[-r.log_every :] + history.lr[-1:]
+            recent = history.loss[-log_every:] + history.lr[-1:]
             if not all(map(math.isfinite, recent)):
                 raise ArtifactError(
                     f"distillation diverged by iteration {done} (non-finite loss or "
@@ -572,11 +617,17 @@ def unrolled_graph_bytes(
 
 
 def resolve_backend(
-    recipe: MatchingRecipe, student: nn.Module, image_shape: torch.Size, device: torch.device, num_images: int
+    backend: str,
+    recipe: MatchingRecipe,
+    student: nn.Module,
+    image_shape: torch.Size,
+    device: torch.device,
+    num_images: int,
 ) -> str:
-    """``recipe.backend``; ``auto`` = ``unrolled`` (a little faster) while its graph would take at
-    most a quarter of the device's memory, ``recompute`` (memory independent of N) above."""
-    if recipe.backend != "auto":
-        return recipe.backend
+    """``backend`` (one of :data:`BACKENDS`); ``auto`` = ``unrolled`` (a little faster) while its
+    graph for ``recipe`` would take at most a quarter of the device's memory, ``recompute`` (memory
+    independent of N) above."""
+    if backend != "auto":
+        return backend
     graph = unrolled_graph_bytes(recipe, student, image_shape, num_images)
     return "unrolled" if graph <= device_memory_bytes(device) // 4 else "recompute"
