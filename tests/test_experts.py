@@ -1,3 +1,4 @@
+import dataclasses
 import shutil
 
 import pytest
@@ -226,3 +227,12 @@ def test_compiled_student_trains_like_eager():
     compiled = _fast_path_run(Runtime(cpu, compile=True), False)
     for r, c in zip(ref, compiled, strict=True):
         assert (c.params - r.params).norm() < 1e-3 * (r.params[-1] - r.params[0]).norm()
+
+
+def test_kd_recipe_is_keyword_only_and_immutable():
+    """Positional fields could swap lr and weight_decay unnoticed: refused; a recipe never changes."""
+    with pytest.raises(TypeError):
+        KDRecipe(20, 0.1, 0.9, 1e-4, 256)
+    recipe = KDRecipe(epochs=3, lr=0.05)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        recipe.lr = 0.1

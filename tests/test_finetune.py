@@ -1,3 +1,4 @@
+import dataclasses
 import json
 import shutil
 
@@ -259,3 +260,12 @@ def test_a_resumed_evaluation_recomputes_only_the_missing_runs(finetuned, monkey
     again = evaluate.run(config, run.path)
     assert seen == [("full", 1)]
     assert again["result"]["results"] == record["result"]["results"]
+
+
+def test_finetune_recipe_is_keyword_only_and_immutable():
+    """Positional fields could swap lr and weight_decay unnoticed: refused; a recipe never changes."""
+    with pytest.raises(TypeError):
+        FinetuneRecipe(100, 0.01, 0.9, 5e-4, 64, True)
+    recipe = FinetuneRecipe(steps=100, batch_size=64)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        recipe.steps = 200

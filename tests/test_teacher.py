@@ -1,3 +1,5 @@
+import dataclasses
+
 import pytest
 import torch
 
@@ -7,7 +9,7 @@ from mkdt.nn.loading import load_encoder
 from mkdt.nn.models import resnet18
 from mkdt.stages import teacher
 from mkdt.store import RunDir
-from mkdt.train.ssl import cosine_with_warmup
+from mkdt.train.ssl import SSLRecipe, cosine_with_warmup
 from tests.helpers import interrupted_after_first_checkpoint, real_data, tiny_config
 
 
@@ -119,3 +121,13 @@ def test_fast_path_teacher_agrees_with_fp32(tmp_path, device):
     assert runs["fast"] != runs["fp32"]  # autocast really ran in bfloat16
     encoder, _ = load_tensors(tmp_path / "fast/teacher/encoder.safetensors")
     assert all(t.dtype == torch.float32 for t in encoder.values() if t.is_floating_point())
+
+
+def test_ssl_recipe_is_keyword_only_and_immutable():
+    """Positional fields could swap lr and weight_decay unnoticed: refused; a recipe never changes."""
+    fields = {"method": "simclr", "epochs": 2, "batch_size": 32, "lr": 0.01, "weight_decay": 1e-6}
+    with pytest.raises(TypeError):
+        SSLRecipe(*fields.values(), 0)
+    recipe = SSLRecipe(**fields, warmup_epochs=0)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        recipe.epochs = 3

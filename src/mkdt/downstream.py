@@ -251,7 +251,14 @@ def finetune(
     "label_fraction", "accuracy" (percent, on the test split), "num_labels", "protocol":
     "finetune"}]."""
     v, f, device, results = config.evaluate, config.evaluate.finetune, runtime.device, []
-    recipe = FinetuneRecipe(f.steps, f.lr, f.momentum, f.weight_decay, f.batch_size, f.augment)
+    recipe = FinetuneRecipe(
+        steps=f.steps,
+        lr=f.lr,
+        momentum=f.momentum,
+        weight_decay=f.weight_decay,
+        batch_size=f.batch_size,
+        augment=f.augment,
+    )
     for name, task in tasks.items():
         test_x, test_y = task.test_images.to(device), task.test_labels.to(device)
         for fraction in v.label_fractions:

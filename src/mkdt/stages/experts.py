@@ -61,7 +61,9 @@ def run(
     z = store.load_targets(ctx.real.num_train).to(rt.device)
     inputs = rt.images(ctx.real.inputs)  # laid out once, not per group
     save_epochs = config.expert_save_epochs()
-    recipe = KDRecipe(e.epochs, e.lr, e.momentum, e.weight_decay, e.batch_size)
+    recipe = KDRecipe(
+        epochs=e.epochs, lr=e.lr, momentum=e.momentum, weight_decay=e.weight_decay, batch_size=e.batch_size
+    )
     parallel = e.parallel or AUTO_PARALLEL.get(rt.device.type, 1)
     todo = [k for k in range(rt.rank, e.num_experts, rt.world) if not store.has_expert(k, fp)]
     seconds = 0.0

@@ -22,7 +22,7 @@ from mkdt.stages.context import StageContext
 from mkdt.train.checkpoint import PeriodicCheckpoint
 from mkdt.train.kd import encode
 from mkdt.train.probe import linear_probe
-from mkdt.train.ssl import train_ssl
+from mkdt.train.ssl import SSLRecipe, train_ssl
 
 STAGE = "teacher"
 
@@ -50,7 +50,14 @@ def train_teacher(ctx: StageContext) -> tuple[nn.Module, list[float], list[float
         loss_fn,
         real.images,
         SSLAugment(data.image_size, data.mean, data.std),
-        t,
+        SSLRecipe(
+            method=t.method,
+            epochs=t.epochs,
+            batch_size=t.batch_size,
+            lr=t.lr,
+            weight_decay=t.weight_decay,
+            warmup_epochs=t.warmup_epochs,
+        ),
         generator(derive_seed(config.seed, "teacher-data"), runtime.device),
         runtime,
         checkpoint,

@@ -30,10 +30,20 @@ from mkdt.runtime import Runtime, progress, seeded
 Normalize = Callable[[torch.Tensor], torch.Tensor]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class FinetuneRecipe:
-    """How the encoder and its head are fine-tuned: SGD steps, learning rate (cosine-annealed to
-    0 over the steps), momentum, weight decay, batch size, and whether batches are augmented."""
+    """How the encoder and its head are fine-tuned (the loop's math only; progress and devices are
+    passed apart).
+
+    - ``steps``: SGD steps (count; batches, not epochs).
+    - ``lr``: initial SGD learning rate, cosine-annealed to 0 over ``steps``.
+    - ``momentum``: SGD momentum (dimensionless, in [0, 1)).
+    - ``weight_decay``: SGD weight decay on every parameter (adds ``weight_decay * theta`` to
+      the gradient).
+    - ``batch_size``: labelled images per step (the last batch of a pass may be smaller).
+    - ``augment``: crop the zero-padded images (:func:`crop_padding` pixels) and flip them
+      left-right with probability 1/2, per batch (flag).
+    """
 
     steps: int = 10000
     lr: float = 0.01

@@ -28,9 +28,16 @@ from mkdt.nn.models import ConvNet, convnet_ensemble, features_of, flatten_param
 from mkdt.runtime import Runtime, progress
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class KDRecipe:
-    """How a KD student is trained: epochs, SGD learning rate, momentum, weight decay, batch size."""
+    """How a KD student is trained (the loop's math only; progress and devices are passed apart).
+
+    - ``epochs``: passes over the inputs (count).
+    - ``lr``: SGD learning rate (step size, constant over the epochs).
+    - ``momentum``: SGD momentum (dimensionless, in [0, 1)).
+    - ``weight_decay``: SGD weight decay (adds ``weight_decay * theta`` to the gradient).
+    - ``batch_size``: images per step (the last batch of an epoch may be smaller).
+    """
 
     epochs: int = 20
     lr: float = 0.1

@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Iterator
-from typing import Protocol
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -24,8 +24,19 @@ from mkdt.runtime import Runtime, derive_seed, generator, progress
 from mkdt.train.checkpoint import PeriodicCheckpoint
 
 
-class SSLRecipe(Protocol):
-    """What the loop reads of the teacher's config (:class:`mkdt.config.TeacherConfig`)."""
+@dataclass(frozen=True, kw_only=True)
+class SSLRecipe:
+    """How the teacher is trained (the loop's math only; checkpoint interval and devices are passed
+    apart). Built from :class:`mkdt.config.TeacherConfig`; every field is required.
+
+    - ``method``: the SSL method, ``"barlow_twins"`` (asymmetric view pair) or ``"simclr"``.
+    - ``epochs``: passes over the images (count; the last partial batch of each is dropped).
+    - ``batch_size``: images per step, each giving two views (the global batch under
+      torch.distributed).
+    - ``lr``: Adam learning rate per 256 images (the loop uses ``lr * batch_size / 256``).
+    - ``weight_decay``: Adam weight decay (adds ``weight_decay * theta`` to the gradient).
+    - ``warmup_epochs``: epochs of linear warm-up before the cosine decay (count, <= ``epochs``).
+    """
 
     method: str
     epochs: int
