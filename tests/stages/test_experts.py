@@ -1,3 +1,5 @@
+"""The targets and experts stages: teacher features, stored epochs, batched and resumed experts."""
+
 import dataclasses
 import shutil
 

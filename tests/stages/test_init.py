@@ -1,3 +1,5 @@
+"""The init stage: the high-loss subset is the top of the expert-averaged KD loss."""
+
 import pytest
 import torch
 

@@ -16,8 +16,8 @@ from safetensors.torch import load_file
 
 from tests.helpers import TINY
 
-ROOT = Path(__file__).resolve().parents[1]
-WORKER = ROOT / "tests" / "distributed_worker.py"
+ROOT = Path(__file__).resolve().parents[2]
+WORKER = ROOT / "tests" / "system" / "distributed_worker.py"
 TORCHRUN = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or shutil.which("torchrun")
 pytestmark = pytest.mark.skipif(
     TORCHRUN is None or not torch.distributed.is_available(), reason="needs torchrun and torch.distributed"

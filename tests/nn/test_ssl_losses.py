@@ -1,3 +1,5 @@
+"""The SSL losses (Barlow Twins, NT-Xent) against hand computations and their invariances."""
+
 import math
 
 import numpy as np

@@ -1,3 +1,5 @@
+"""The fine-tuning protocol: the loop, its determinism, and its records beside the probe's."""
+
 import dataclasses
 import json
 import shutil

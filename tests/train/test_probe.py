@@ -1,3 +1,5 @@
+"""The linear probe against scikit-learn, its scaling and its label checks."""
+
 import numpy as np
 import pytest
 import torch

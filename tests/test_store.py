@@ -1,3 +1,5 @@
+"""The run directory's artifact IO: round trips, atomic writes, damaged files and stage records."""
+
 import pytest
 import torch
 

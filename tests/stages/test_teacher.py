@@ -1,3 +1,5 @@
+"""The teacher stage: SSL training, resume, and loading an existing checkpoint."""
+
 import dataclasses
 
 import pytest

@@ -1,8 +1,8 @@
-"""Run under ``torchrun`` by tests/test_distributed.py (or directly, as one process): one teacher
+"""Run under ``torchrun`` by tests/system/test_distributed.py (or directly, as one process): one teacher
 step or one distillation step on fixed data, each rank taking its share; rank 0 saves the loss and
 the updated values to the path given, for comparison with a single process.
 
-    torchrun --standalone --nproc_per_node=2 tests/distributed_worker.py {teacher|distill} OUT.pt
+    torchrun --standalone --nproc_per_node=2 tests/system/distributed_worker.py {teacher|distill} OUT.pt
 """
 
 from __future__ import annotations

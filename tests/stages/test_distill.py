@@ -1,3 +1,5 @@
+"""Trajectory matching and the distill stage: gradients against finite differences, backends, resume."""
+
 import pytest
 import torch
 

@@ -1,3 +1,5 @@
+"""The networks: ConvNet and ResNet-18 shapes, parameter counts, torchvision names and stems."""
+
 import pytest
 import torch
 import torchvision

@@ -1,3 +1,5 @@
+"""Result records and the paper-style markdown table."""
+
 import math
 
 import pytest

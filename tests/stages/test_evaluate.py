@@ -1,3 +1,5 @@
+"""The evaluate stage: records, tables, shared labels, lr-matched controls and reuse of finished runs."""
+
 import json
 import shutil
 

@@ -1,3 +1,5 @@
+"""The batched SSL views and DiffAugment: determinism, shapes, and each transform against an explicit one."""
+
 import pytest
 import torch
 

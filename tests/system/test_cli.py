@@ -1,3 +1,5 @@
+"""The command line: help text, one-line user errors, resume and the progress lines."""
+
 import json
 
 import pytest

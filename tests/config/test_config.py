@@ -1,3 +1,5 @@
+"""The config: defaults, presets, merge order, typed overrides and one-line errors for bad values."""
+
 import pytest
 
 from mkdt.config import (
