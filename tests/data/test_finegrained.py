@@ -17,7 +17,7 @@ from mkdt.cli import main
 from mkdt.config import load_config
 from mkdt.data import DATASETS, load_dataset
 from mkdt.errors import ConfigError
-from tests.test_data import count_decodes, data_error, write_image
+from tests.data.test_loaders import count_decodes, data_error, write_image
 
 SIZES = ((40, 30), (24, 36), (33, 33))  # (width, height) of the images, in turn
 
