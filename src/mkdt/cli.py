@@ -15,14 +15,14 @@ mkdt datasets                                                  list the register
 from __future__ import annotations
 
 import argparse
-import importlib
+import functools
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from types import ModuleType
-from typing import Any
 
 from mkdt import __version__
-from mkdt.analysis import ANALYSES
+from mkdt.analysis import mtt, replay, theorem, trajectories, variance
 from mkdt.config import (
     Config,
     dump_config,
@@ -31,14 +31,38 @@ from mkdt.config import (
     preset_description,
     preset_names,
 )
+from mkdt.data import DATASETS
 from mkdt.errors import MkdtError
+from mkdt.external import exporter, importer
 from mkdt.graph import STAGES, stage_keys
+from mkdt.pipeline import run_stages
 from mkdt.runtime import rank_and_world
 
 DEFAULT_PRESET = "demo"
-
-
 RUN_HELP = "run every stage in order, skipping finished ones (resumes an interrupted run)"
+ANALYSES: dict[str, ModuleType] = {
+    "trajectories": trajectories,
+    "replay": replay,
+    "variance": variance,
+    "mtt": mtt,
+    "theorem": theorem,
+}  # `mkdt analyze NAME`: the protocol of these modules is in mkdt.analysis's docstring
+
+Handler = Callable[[argparse.Namespace], None]
+
+
+@dataclass(frozen=True, kw_only=True)
+class Command:
+    """One ``mkdt`` subcommand: its line in ``mkdt --help``, its description (None: that line),
+    its epilog (printed as written), what adds its options (None: it has none; ``analyze``: its
+    subcommands) and the handler that runs it (None where its subcommands set theirs); a handler
+    raises MkdtError on a user mistake."""
+
+    help: str
+    description: str | None = None
+    epilog: str | None = None
+    options: Callable[[argparse.ArgumentParser], None] | None = None
+    handler: Handler | None
 
 
 def _options_epilog(stage: str | None) -> str:
@@ -56,7 +80,110 @@ def _options_epilog(stage: str | None) -> str:
     return "\n".join(lines)
 
 
-def _print_presets() -> None:
+def _add_config_args(parser: argparse.ArgumentParser) -> None:
+    """--preset, --config FILE and the key=value overrides."""
+    parser.add_argument(
+        "--preset", default=DEFAULT_PRESET, help=f"settings to start from (default: {DEFAULT_PRESET})"
+    )
+    parser.add_argument("--config", metavar="FILE", help="YAML file of config keys, after the preset")
+    parser.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="key=value",
+        help="config overrides, applied last (e.g. experts.num_experts=4)",
+    )
+
+
+def _add_run_out(parser: argparse.ArgumentParser) -> None:
+    """--out RUN of the commands that read or add to a run directory."""
+    parser.add_argument("--out", metavar="RUN", help="the run directory (default: runs/<preset>)")
+
+
+def _add_stage_options(parser: argparse.ArgumentParser) -> None:
+    """The options of ``mkdt STAGE`` and ``mkdt run``."""
+    _add_config_args(parser)
+    parser.add_argument(
+        "--out", metavar="DIR", help="run directory holding every artifact (default: runs/<preset>)"
+    )
+    parser.add_argument(
+        "--force", action="store_true", help="recompute this stage (and drop the records of later stages)"
+    )
+    parser.add_argument(
+        "--repair",
+        action="store_true",
+        help="redo a finished stage whose artifacts are missing or damaged (experts: only those); later "
+        "stages stay valid if the repaired artifacts equal the recorded ones",
+    )
+
+
+def _run_stages(args: argparse.Namespace) -> None:
+    """``mkdt STAGE`` and ``mkdt run``: the stages into ``--out`` (default ``runs/<preset>``);
+    rank 0 says when they are done."""
+    config = load_config(args.preset, args.config, args.overrides)
+    stages = list(STAGES) if args.command == "run" else [args.command]
+    out = args.out or f"runs/{args.preset}"
+    run_stages(config, out, stages, force=args.force, repair=args.repair)
+    if rank_and_world()[0] == 0:
+        print(f"done: {', '.join(stages)} in {out}")
+
+
+def _add_analyses(parser: argparse.ArgumentParser) -> None:
+    """``mkdt analyze NAME``: one subcommand per module of :data:`ANALYSES`, with the run's config
+    and ``--out RUN`` when the analysis reads a run (``NEEDS_RUN``)."""
+    names = parser.add_subparsers(dest="analysis", required=True, metavar="NAME")
+    for name, module in ANALYSES.items():
+        p = names.add_parser(name, help=module.SUMMARY, description=module.SUMMARY)
+        if module.NEEDS_RUN:
+            _add_config_args(p)
+            _add_run_out(p)
+        module.add_arguments(p)
+        p.set_defaults(handler=functools.partial(_analyze, module))
+
+
+def _analyze(module: ModuleType, args: argparse.Namespace) -> None:
+    """``mkdt analyze NAME``: the analysis ``module`` on the run's config and ``--out`` (default
+    ``runs/<preset>``), or on its own options when it reads no run."""
+    if not module.NEEDS_RUN:
+        module.main(args, None)
+        return
+    config = load_config(args.preset, args.config, args.overrides)
+    args.out = args.out or f"runs/{args.preset}"
+    module.main(args, config)
+
+
+def _add_import_options(parser: argparse.ArgumentParser) -> None:
+    """``mkdt import``'s own options, then the run's config and ``--out RUN``."""
+    importer.add_arguments(parser)
+    _add_config_args(parser)
+    _add_run_out(parser)
+
+
+def _import(args: argparse.Namespace) -> None:
+    """``mkdt import``: into ``--out`` (default ``runs/<preset>``) with the run's config."""
+    args.out = args.out or f"runs/{args.preset}"
+    importer.main(args, load_config(args.preset, args.config, args.overrides))
+
+
+def _add_report_options(parser: argparse.ArgumentParser) -> None:
+    """``mkdt report RUN [RUN ...] --out DIR``."""
+    parser.add_argument("runs", nargs="+", metavar="RUN", help="run directories (the --out of mkdt commands)")
+    parser.add_argument("--out", metavar="DIR", required=True, help="folder to write the report into")
+
+
+def _report(args: argparse.Namespace) -> None:
+    """``mkdt report``: the report of the runs, written to ``--out``; prints where it is."""
+    from mkdt.reporting import build_report  # matplotlib: imported by this command alone
+
+    folder = build_report(args.runs, args.out)
+    print(f"report: {folder / 'index.html'} and {folder / 'report.md'}")
+
+
+def _print_config(args: argparse.Namespace) -> None:
+    """``mkdt config``: the resolved config as YAML."""
+    print(dump_config(load_config(args.preset, args.config, args.overrides)), end="")
+
+
+def _print_presets(args: argparse.Namespace) -> None:
     """``mkdt presets``: each preset's name and first comment line, the paper's tables apart."""
     names = preset_names()
     tables = [name for name in names if name.startswith("table")]
@@ -70,54 +197,43 @@ def _print_presets() -> None:
             print(f"  {name:{width}s}{preset_description(name)}")
 
 
-def _add_config_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--preset", default=DEFAULT_PRESET, help=f"settings to start from (default: {DEFAULT_PRESET})"
-    )
-    parser.add_argument("--config", metavar="FILE", help="YAML file of config keys, after the preset")
-    parser.add_argument(
-        "overrides",
-        nargs="*",
-        metavar="key=value",
-        help="config overrides, applied last (e.g. experts.num_experts=4)",
-    )
+def _print_datasets(args: argparse.Namespace) -> None:
+    """``mkdt datasets``: each registered dataset and its description."""
+    for name, spec in sorted(DATASETS.items()):
+        print(f"{name:14s} {spec.description}")
 
 
-def _analysis(name: str) -> ModuleType:
-    return importlib.import_module(f"mkdt.analysis.{name}")
-
-
-def _add_analyses(sub: Any) -> None:
-    """``mkdt analyze NAME``: one sub-subcommand per module of :mod:`mkdt.analysis`."""
-    text = "analyses of a run: trajectories, replay, variance, mtt, theorem (writes RUN/analysis/)"
-    analyze = sub.add_parser("analyze", help=text, description=text)
-    names = analyze.add_subparsers(dest="analysis", required=True, metavar="NAME")
-    for name in ANALYSES:
-        module = _analysis(name)
-        p = names.add_parser(name, help=module.SUMMARY, description=module.SUMMARY)
-        if module.NEEDS_RUN:
-            _add_config_args(p)
-            p.add_argument("--out", metavar="RUN", help="the run directory (default: runs/<preset>)")
-        module.add_arguments(p)
-
-
-TRANSFERS = {"import": "mkdt.external.importer", "export": "mkdt.external.exporter"}
-
-
-def _add_transfers(sub: Any) -> None:
-    """``mkdt import`` (with the run's config and ``--out RUN``) and ``mkdt export``."""
-    for command, name in TRANSFERS.items():
-        module = importlib.import_module(name)
-        p = sub.add_parser(command, help=module.SUMMARY, description=module.SUMMARY)
-        module.add_arguments(p)
-        if command == "import":
-            _add_config_args(p)
-            p.add_argument("--out", metavar="RUN", help="the run directory (default: runs/<preset>)")
+def commands() -> dict[str, Command]:
+    """Every subcommand, in ``mkdt --help`` order: one per stage (help from :mod:`mkdt.graph`),
+    run, analyze, import, export, report, config, presets, datasets."""
+    stage = functools.partial(Command, options=_add_stage_options, handler=_run_stages)
+    report = "gather run directories into one report: DIR/index.html (self-contained) and DIR/report.md"
+    analyze = f"analyses of a run: {', '.join(ANALYSES)} (writes RUN/analysis/)"
+    datasets = "list the registered datasets and their on-disk formats"
+    return {
+        **{name: stage(help=spec.summary, epilog=_options_epilog(name)) for name, spec in STAGES.items()},
+        "run": stage(help=RUN_HELP, epilog=_options_epilog(None)),
+        "analyze": Command(help=analyze, options=_add_analyses, handler=None),
+        "import": Command(help=importer.SUMMARY, options=_add_import_options, handler=_import),
+        "export": Command(help=exporter.SUMMARY, options=exporter.add_arguments, handler=exporter.main),
+        "report": Command(help=report, options=_add_report_options, handler=_report),
+        "config": Command(
+            help="print the resolved config as YAML",
+            description="print the resolved config (defaults <- preset <- file <- overrides)",
+            options=_add_config_args,
+            handler=_print_config,
+        ),
+        "presets": Command(
+            help="list the presets and what each reproduces (the paper's tables: table1-cifar10, ...)",
+            handler=_print_presets,
+        ),
+        "datasets": Command(help=datasets, handler=_print_datasets),
+    }
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The argument parser: one subcommand per stage (help from :mod:`mkdt.graph`), plus run,
-    config, presets and datasets."""
+    """The argument parser: one subcommand per entry of :func:`commands`, each with its handler
+    as the ``handler`` default."""
     parser = argparse.ArgumentParser(
         prog="mkdt",
         description="Dataset distillation for self-supervised pre-training (MKDT).",
@@ -125,110 +241,45 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"mkdt {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    commands = [(name, spec.summary, name) for name, spec in STAGES.items()] + [("run", RUN_HELP, None)]
-    for name, text, stage in commands:
+    for name, command in commands().items():
+        raw = command.epilog is not None
         p = sub.add_parser(
             name,
-            help=text,
-            description=text,
-            epilog=_options_epilog(stage),
-            formatter_class=argparse.RawDescriptionHelpFormatter,
+            help=command.help,
+            description=command.description or command.help,
+            epilog=command.epilog,
+            formatter_class=argparse.RawDescriptionHelpFormatter if raw else argparse.HelpFormatter,
         )
-        _add_config_args(p)
-        p.add_argument(
-            "--out", metavar="DIR", help="run directory holding every artifact (default: runs/<preset>)"
-        )
-        p.add_argument(
-            "--force", action="store_true", help="recompute this stage (and drop the records of later stages)"
-        )
-        p.add_argument(
-            "--repair",
-            action="store_true",
-            help="redo a finished stage whose artifacts are missing or damaged (experts: only those); later "
-            "stages stay valid if the repaired artifacts equal the recorded ones",
-        )
-    _add_analyses(sub)
-    _add_transfers(sub)
-    text = "gather run directories into one report: DIR/index.html (self-contained) and DIR/report.md"
-    p = sub.add_parser("report", help=text, description=text)
-    p.add_argument("runs", nargs="+", metavar="RUN", help="run directories (the --out of mkdt commands)")
-    p.add_argument("--out", metavar="DIR", required=True, help="folder to write the report into")
-    p = sub.add_parser(
-        "config",
-        help="print the resolved config as YAML",
-        description="print the resolved config (defaults <- preset <- file <- overrides)",
-    )
-    _add_config_args(p)
-    text = "list the presets and what each reproduces (the paper's tables: table1-cifar10, ...)"
-    sub.add_parser("presets", help=text, description=text)
-    sub.add_parser(
-        "datasets",
-        help="list the registered datasets and their on-disk formats",
-        description="list the registered datasets and their on-disk formats",
-    )
+        if command.options is not None:
+            command.options(p)
+        if command.handler is not None:
+            p.set_defaults(handler=command.handler)
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Run one command; user mistakes print one line ``mkdt: error: ...`` and return 2."""
-    parser = build_parser()
-    # key=value overrides may come before and after options (argparse only collects one run)
+def parse(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> argparse.Namespace:
+    """The parsed arguments; key=value overrides may come before and after options (argparse
+    only collects one run of them), anything else unknown exits with argparse's usage error."""
     args, extra = parser.parse_known_args(argv)
     if extra:
         if not hasattr(args, "overrides") or any(a.startswith("-") or "=" not in a for a in extra):
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
         args.overrides = [*args.overrides, *extra]
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run one command; user mistakes print one line ``mkdt: error: ...`` and return 2."""
+    args = parse(build_parser(), argv)
     try:
-        if args.command == "presets":
-            _print_presets()
-            return 0
-        if args.command == "datasets":
-            from mkdt.data import DATASETS
-
-            for name, spec in sorted(DATASETS.items()):
-                print(f"{name:14s} {spec.description}")
-            return 0
-        if args.command == "report":
-            from mkdt.reporting import build_report
-
-            folder = build_report(args.runs, args.out)
-            print(f"report: {folder / 'index.html'} and {folder / 'report.md'}")
-            return 0
-        if args.command == "export":
-            importlib.import_module(TRANSFERS["export"]).main(args)
-            return 0
-        if args.command == "import":
-            args.out = args.out or f"runs/{args.preset}"
-            config = load_config(args.preset, args.config, args.overrides)
-            importlib.import_module(TRANSFERS["import"]).main(args, config)
-            return 0
-        if args.command == "analyze":
-            module = _analysis(args.analysis)
-            if module.NEEDS_RUN:
-                config = load_config(args.preset, args.config, args.overrides)
-                args.out = args.out or f"runs/{args.preset}"
-                module.main(args, config)
-            else:
-                module.main(args, None)
-            return 0
-        config = load_config(args.preset, args.config, args.overrides)
-        if args.command == "config":
-            print(dump_config(config), end="")
-            return 0
-        from mkdt.pipeline import run_stages
-
-        stages = list(STAGES) if args.command == "run" else [args.command]
-        out = args.out or f"runs/{args.preset}"
-        run_stages(config, out, stages, force=args.force, repair=args.repair)
-        if rank_and_world()[0] == 0:
-            print(f"done: {', '.join(stages)} in {out}")
-        return 0
+        args.handler(args)
     except MkdtError as exc:
         print(f"mkdt: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("mkdt: interrupted; run the same command again to resume", file=sys.stderr)
         return 130
+    return 0
 
 
 if __name__ == "__main__":

@@ -1,21 +1,33 @@
 """Running stages into one run directory: in pipeline order, skipping finished ones, with D_real
-loaded and placed on the device once for all of them, and every check that can run before compute
-done first (so that a refused command changes nothing on disk)."""
+loaded and placed on the device once for all of them.
+
+A command runs in three phases, so that a refused command changes nothing on disk:
+
+1. :func:`check`: every check that can run before compute, nothing written;
+2. :func:`prepare` (rank 0): the folder made writable and checked for room, ``config.yaml``
+   written, the records that ``--force`` invalidates dropped;
+3. :func:`run_planned`: the stages run in order, with ``--repair``'s deletions before a stage and
+   the manifest written after each.
+
+Under torchrun rank 0 alone writes (the folder, config.yaml, records, the manifest, the log) and
+every rank waits at a barrier after each write, so that all ranks see the same run directory.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import sys
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from mkdt.analysis.trajectories import LOW_SHARE, analyse
+from mkdt.analysis.trajectories import check_window
 from mkdt.config import Config, config_to_dict, dump_config
 from mkdt.data.real import RealData, load_real
-from mkdt.downstream import available_tasks, window_of, window_summary
+from mkdt.downstream import available_tasks, window_summary
 from mkdt.errors import ArtifactError
-from mkdt.files import fingerprint, logged_to, read_json, write_text
+from mkdt.files import logged_to, write_text
 from mkdt.graph import STAGES, defining, later_stages
 from mkdt.runtime import Runtime
 from mkdt.stages import distill, evaluate, experts, init, targets, teacher
@@ -33,45 +45,21 @@ RUNNERS: dict[str, StageRun] = {
 }
 
 
-def check_window(config: Config, store: RunDir, real: RealData, runtime: Runtime) -> str | None:
-    """Before distilling (``distill.check_window``): the cheap trajectories analysis (experts 0
-    and 1 at the window's ends, the full-data reference from one seed), written to
-    ``analysis/window.*``, reused while the distill and evaluate definitions are unchanged; prints
-    the verdict and warns when the window holds less than LOW_SHARE of the full-data gain; returns
-    the warning (None without one)."""
-    definition = fingerprint(
-        {"distill": defining(config, "distill"), "evaluate": defining(config, "evaluate")}
-    )
-    path = store.path / "analysis" / "window.json"
-    record = read_json(path) if path.is_file() else {}
-    if record.get("definition") != definition:
-        window = window_of(config, real.num_train)
-        experts = list(range(min(2, config.experts.num_experts)))
-        print(
-            f"window check: probing experts {experts} at epochs 0 and {window.end_epoch} "
-            "(distill.check_window)"
-        )
-        record = analyse(
-            config,
-            store.path,
-            experts,
-            [0, window.end_epoch],
-            real=real,
-            runtime=runtime,
-            name="window",
-            extra={"definition": definition},
-        )
-    print(f"window check: {record['verdict']}")
-    share = record["window_share"]
-    if share >= LOW_SHARE:
-        return None
-    held = "no" if share != share else f"{100 * share:.0f}% of the"  # nan: no gain to share
-    warning = (
-        f"mkdt: warning: the matched window holds {held} full-data gain, so MKDT cannot beat no "
-        f"pre-training by much here; see {store.path / 'analysis' / 'window.md'} and docs/method.md §8"
-    )
-    print(warning, file=sys.stderr)
-    return warning
+@dataclass(frozen=True, kw_only=True)
+class Plan:
+    """A checked command (:func:`check`): what it runs, into where, with what."""
+
+    config: Config
+    out: str | Path  # the run directory as given (passed on to the stages)
+    store: RunDir
+    runtime: Runtime
+    real: RealData
+    names: list[str]  # the stages asked for, in pipeline order
+    todo: list[str]  # those that run: every one with force, else the unfinished ones
+    needed: int  # about the bytes the artifacts of ``todo`` take
+    skipped: dict[str, str]  # tasks the evaluation leaves out (evaluate.missing_tasks=skip): a line each
+    force: bool
+    repair: bool
 
 
 def run_stages(
@@ -86,8 +74,22 @@ def run_stages(
     for room. With ``force`` the named stages are recomputed and every later stage's record is
     dropped. With ``repair`` a finished stage whose artifacts are missing or damaged is redone
     (experts: only the damaged ones); the later stages' records are dropped only if the repaired
-    artifacts differ from the recorded ones.
+    artifacts differ from the recorded ones. Returns each stage's record.
     """
+    plan = check(config, out, stages, force=force, repair=repair)
+    if plan.runtime.is_main:
+        prepare(plan)
+    plan.runtime.barrier()
+    return run_planned(plan)
+
+
+def check(config: Config, out: str | Path, stages: list[str], *, force: bool, repair: bool) -> Plan:
+    """Phase 1, nothing written: create the runtime (the device; under torchrun the process group)
+    and load D_real, check the sizes it must satisfy, that every requested stage that already
+    finished was made with this config and still has its artifacts (with ``repair`` a damaged one
+    is left to :func:`run_planned` instead; ``force`` checks none), which stages run, the files of
+    the evaluation's tasks when it runs (``evaluate.missing_tasks=error``: ConfigError for a missing
+    one) and the bytes the running stages will write. Raises the first failed check's MkdtError."""
     store = RunDir(out)
     names = [name for name in STAGES if name in stages]
     runtime = Runtime.create(config.device, config.precision, config.channels_last, config.compile)
@@ -98,52 +100,117 @@ def run_stages(
             if not (repair and store.damaged(name)) and store.is_done(name, defining(config, name)):
                 store.verified(name)
     todo = [name for name in names if force or store.record(name) is None]
-    skipped = available_tasks(config)[1] if "evaluate" in todo else {}  # missing_tasks=error raises
-    if runtime.is_main:
-        created = store.prepare()
-        try:
-            needed = sum(estimated_bytes(config, real.data, name) for name in todo)
-            check_disk(store, needed, ", ".join(todo) or "the run")
-        except ArtifactError:
-            if created:
-                store.path.rmdir()  # a refused command leaves nothing behind
-            raise
-        write_text(store.path / "config.yaml", dump_config(config))
-        if force:
-            store.invalidate(later_stages(names[0]))
-    runtime.barrier()
-    log = logged_to(store.path / "log.txt") if runtime.is_main else contextlib.nullcontext()
+    skipped = available_tasks(config)[1] if "evaluate" in todo else {}
+    needed = sum(estimated_bytes(config, real.data, name) for name in todo)
+    return Plan(
+        config=config,
+        out=out,
+        store=store,
+        runtime=runtime,
+        real=real,
+        names=names,
+        todo=todo,
+        needed=needed,
+        skipped=skipped,
+        force=force,
+        repair=repair,
+    )
+
+
+def prepare(plan: Plan) -> None:
+    """Phase 2, on rank 0 alone: make the run directory writable (removing orphaned temporary files,
+    :meth:`RunDir.prepare`) and check that it has room for ``plan.needed`` bytes (ArtifactError; a
+    folder made here is removed again, so a refused command leaves nothing behind), then write
+    ``config.yaml`` and, with ``force``, drop the records of the first named stage and every later
+    one."""
+    store = plan.store
+    created = store.prepare()
+    try:
+        check_disk(store, plan.needed, ", ".join(plan.todo) or "the run")
+    except ArtifactError:
+        if created:
+            store.path.rmdir()
+        raise
+    write_text(store.config_path, dump_config(plan.config))
+    if plan.force:
+        store.invalidate(later_stages(plan.names[0]))
+
+
+def run_planned(plan: Plan) -> dict[str, dict[str, Any]]:
+    """Phase 3, after :func:`prepare`: run the plan's stages in order, rank 0 appending what is
+    printed to ``log.txt``; a stage runs when forced or unfinished, otherwise its runner returns
+    its record. Before a stage its damaged artifacts are deleted (``repair``,
+    :func:`_discard_damaged`), after it rank 0 writes the manifest. The window check's warning is
+    repeated at the end when the evaluation ran, under the results it explains. Returns each
+    stage's record."""
+    log = logged_to(plan.store.log_path) if plan.runtime.is_main else contextlib.nullcontext()
     with log:
-        if runtime.is_main and todo:
-            window = {"distill", "evaluate"} & set(todo)
-            print(
-                f"mkdt: {', '.join(todo)} into {store.path}"
-                + (f"; {window_summary(config, real.num_train)}" if window else "")
+        if plan.runtime.is_main and plan.todo:
+            _announce(plan)
+        records: dict[str, dict[str, Any]] = {}
+        warning = None
+        for name in plan.names:
+            old, damaged = _discard_damaged(plan, name)
+            if plan.force or plan.store.record(name) is None:
+                warning = _start_stage(plan, name) or warning
+            records[name] = RUNNERS[name](
+                plan.config, plan.out, force=plan.force, real=plan.real, runtime=plan.runtime
             )
-            for line in skipped.values():
-                print(line)
-        records, warning = {}, None
-        for name in names:
-            old = store.record(name) if repair else None
-            damaged = store.damaged(name) if old is not None else []
-            if damaged and runtime.is_main:
-                for rel in damaged:
-                    (store.path / rel).unlink(missing_ok=True)
-                store.invalidate([name])
-            runtime.barrier()
-            if force or store.record(name) is None:
-                if runtime.is_main:
-                    print(f"stage {list(STAGES).index(name) + 1}/{len(STAGES)}: {name}", flush=True)
-                if name == "distill" and config.distill.check_window:
-                    if runtime.is_main:
-                        warning = check_window(config, store, real, runtime)
-                    runtime.barrier()
-            records[name] = RUNNERS[name](config, out, force=force, real=real, runtime=runtime)
-            if runtime.is_main:
-                if damaged and old is not None and old.get("artifacts") != records[name].get("artifacts"):
-                    store.invalidate(later_stages(name)[1:])
-                store.write_manifest(config_to_dict(config), list(STAGES))
-            runtime.barrier()
-        if warning and "evaluate" in records:  # repeated under the results it explains
+            _finish_stage(plan, name, records[name], old, damaged)
+        if warning and "evaluate" in records:
             print(warning, file=sys.stderr)
         return records
+
+
+def _announce(plan: Plan) -> None:
+    """Print what runs where (with the matched window when distill or evaluate runs) and the
+    evaluation's skipped tasks."""
+    window = {"distill", "evaluate"} & set(plan.todo)
+    print(
+        f"mkdt: {', '.join(plan.todo)} into {plan.store.path}"
+        + (f"; {window_summary(plan.config, plan.real.num_train)}" if window else "")
+    )
+    for line in plan.skipped.values():
+        print(line)
+
+
+def _discard_damaged(plan: Plan, name: str) -> tuple[dict[str, Any] | None, list[str]]:
+    """With ``repair`` and ``name`` finished: its record and its missing or damaged artifacts
+    (paths relative to the run directory), which rank 0 deletes, with the record, so that the
+    stage runs again; else (None, []). Every rank waits at a barrier after."""
+    store = plan.store
+    old = store.record(name) if plan.repair else None
+    damaged = store.damaged(name) if old is not None else []
+    if damaged and plan.runtime.is_main:
+        for rel in damaged:
+            store.artifact_path(rel).unlink(missing_ok=True)
+        store.invalidate([name])
+    plan.runtime.barrier()
+    return old, damaged
+
+
+def _start_stage(plan: Plan, name: str) -> str | None:
+    """Before a stage that runs: rank 0 prints ``stage i/N: name``; before distill with
+    ``distill.check_window``, rank 0 runs :func:`check_window` and every rank waits at a barrier
+    after. Returns the check's warning (None without one)."""
+    if plan.runtime.is_main:
+        print(f"stage {list(STAGES).index(name) + 1}/{len(STAGES)}: {name}", flush=True)
+    if name != "distill" or not plan.config.distill.check_window:
+        return None
+    warning = check_window(plan.config, plan.store, plan.real, plan.runtime) if plan.runtime.is_main else None
+    plan.runtime.barrier()
+    return warning
+
+
+def _finish_stage(
+    plan: Plan, name: str, record: dict[str, Any], old: dict[str, Any] | None, damaged: list[str]
+) -> None:
+    """After a stage, on rank 0: when it was repaired (``old`` its record before, ``damaged`` what
+    was deleted) into artifacts other than the recorded ones, drop the later stages' records; write
+    the manifest. Every rank waits at a barrier after."""
+    store = plan.store
+    if plan.runtime.is_main:
+        if damaged and old is not None and old.get("artifacts") != record.get("artifacts"):
+            store.invalidate(later_stages(name)[1:])
+        store.write_manifest(config_to_dict(plan.config), list(STAGES))
+    plan.runtime.barrier()

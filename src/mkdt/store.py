@@ -301,6 +301,21 @@ class RunDir:
         for stage in stages:
             (self.stage_dir(stage) / "stage.json").unlink(missing_ok=True)
 
+    # ------------------------------------------------------------ the log, analyses, recorded artifacts
+
+    @property
+    def log_path(self) -> Path:
+        """``log.txt``: what the stage commands and ``mkdt run`` printed, appended command by command."""
+        return self.path / "log.txt"
+
+    def analysis_path(self, name: str, suffix: str) -> Path:
+        """``analysis/<name>.<suffix>``: analysis ``name``'s table (md), numbers (json) or plot (png)."""
+        return self.analysis_dir / f"{name}.{suffix}"
+
+    def artifact_path(self, rel: str) -> Path:
+        """The artifact that a stage record names by ``rel``, its path relative to the run directory."""
+        return self.path / rel
+
     # ------------------------------------------------------------ teacher
 
     @property

@@ -240,7 +240,7 @@ def test_main_writes_table_json_and_plot(tmp_path, capsys):
 
 
 def test_cli_writes_the_three_files(tmp_path, capsys):
-    """Needs "theorem" in mkdt.analysis.ANALYSES (and every module listed there importable)."""
+    """Needs "theorem" in mkdt.cli.ANALYSES."""
     argv = [
         "analyze",
         "theorem",

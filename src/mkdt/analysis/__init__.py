@@ -3,7 +3,8 @@ the numbers (.json) and a plot (.png) to ``RUN/analysis/`` (or ``--out``); no st
 
 Each analysis module defines ``SUMMARY`` (one line for ``mkdt analyze --help``), ``NEEDS_RUN``
 (whether it takes the run's config and ``--out RUN``), ``add_arguments(parser)`` for its own
-options and ``main(args, config)``, which raises :class:`mkdt.errors.MkdtError` on user mistakes.
+options and ``main(args, config)``, which raises :class:`mkdt.errors.MkdtError` on user mistakes;
+``mkdt.cli.ANALYSES`` makes each a subcommand of ``mkdt analyze``.
 
 - ``trajectories``: linear-probe accuracy along the expert trajectories, the distillation window
   marked, and how much of the full-data gain lies inside it;
@@ -15,5 +16,3 @@ options and ``main(args, config)``, which raises :class:`mkdt.errors.MkdtError` 
   next to MKDT: matching loss and pixel change per iteration (the paper's Fig. 1b/c);
 - ``theorem``: a Monte Carlo check of the paper's Theorem 4.1, Var(grad SSL) > Var(grad SL).
 """
-
-ANALYSES = ("trajectories", "replay", "variance", "mtt", "theorem")

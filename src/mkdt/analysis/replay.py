@@ -33,6 +33,7 @@ from mkdt.graph import defining
 from mkdt.nn.losses import matching_distance
 from mkdt.nn.models import build_network
 from mkdt.runtime import Runtime, derive_seed, generator, progress
+from mkdt.store import RunDir
 from mkdt.train.matching import inner_steps, sample_batches
 
 SUMMARY = "train the experts' inits on the distilled set as the inner loop does; probe against the target"
@@ -94,9 +95,8 @@ def replay(
     }
     text = table(rows, config)
     record["verdict"] = verdict(rows)
-    folder = store.path / "analysis"
-    write_json(folder / "replay.json", record)
-    write_text(folder / "replay.md", text + "\n" + record["verdict"] + "\n")
+    write_json(store.analysis_path("replay", "json"), record)
+    write_text(store.analysis_path("replay", "md"), text + "\n" + record["verdict"] + "\n")
     return record
 
 
@@ -148,6 +148,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace, config: Config) -> None:
     replay(config, args.out, args.experts)
-    folder = Path(args.out) / "analysis"
-    print((folder / "replay.md").read_text(), end="")
-    print(f"wrote {folder}/replay.{{md,json}}")
+    store = RunDir(args.out)
+    print(store.analysis_path("replay", "md").read_text(), end="")
+    print(f"wrote {store.analysis_dir}/replay.{{md,json}}")

@@ -17,13 +17,15 @@ evaluate stage has run, else pre-trained here for evaluation seed 0 exactly as e
 The verdict: window share = (acc(window end) - acc(0)) / (acc(full) - acc(0)), each a mean over
 the chosen experts and then over tasks and label fractions. Below :data:`LOW_SHARE` the window
 holds too little of the gain for distillation to show an effect; docs/method.md ("Choosing the
-window") says which keys to change.
+window") says which keys to change. ``mkdt run`` checks this before distilling
+(:func:`check_window`).
 """
 
 from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +41,7 @@ from mkdt.graph import defining
 from mkdt.nn.models import build_network
 from mkdt.results import protocol_of
 from mkdt.runtime import Runtime, progress
-from mkdt.store import SyntheticSet
+from mkdt.store import RunDir, SyntheticSet
 
 SUMMARY = "probe the experts along their trajectories; how much of the full-data gain the window holds"
 NEEDS_RUN = True
@@ -55,11 +57,10 @@ def full_reference(run: RunSetting) -> tuple[dict[tuple[str, float], float], str
     ``full`` method, else a pre-training of evaluation seed 0 here; returns it with a note saying
     which."""
     config, store, real = run.config, run.store, run.real
-    results = store.path / "results.json"
-    if results.is_file() and store.record("evaluate") is not None:
+    if store.results_path.is_file() and store.record("evaluate") is not None:
         acc = {
             (r["task"], r["label_fraction"]): r["mean"]
-            for r in read_json(results)
+            for r in read_json(store.results_path)
             if r["method"] == "full" and r.get("mean") is not None and protocol_of(r) == "probe"
         }
         if acc:
@@ -250,7 +251,6 @@ def analyse(
     summary = summarise(rows, full, window)
     summary["verdict"] = verdict(summary, window)
     text = table(summary, window, full_note) + "\n" + summary["verdict"] + "\n"
-    folder = run.store.path / "analysis"
     record = {
         "experts": experts,
         "epochs": epochs,
@@ -261,10 +261,52 @@ def analyse(
         **summary,
         **(extra or {}),
     }
-    write_json(folder / f"{name}.json", record)
-    write_text(folder / f"{name}.md", text)
-    plot(rows, summary, window, folder / f"{name}.png")
+    write_json(run.store.analysis_path(name, "json"), record)
+    write_text(run.store.analysis_path(name, "md"), text)
+    plot(rows, summary, window, run.store.analysis_path(name, "png"))
     return record
+
+
+def check_window(config: Config, store: RunDir, real: RealData, runtime: Runtime) -> str | None:
+    """The window check of ``mkdt run`` before distilling (``distill.check_window``): this
+    analysis at its cheapest (experts 0 and 1 at epoch 0 and the window's end, the full-data
+    reference from one seed), written as analysis ``window`` (:meth:`RunDir.analysis_path`) and
+    reused while the distill and evaluate definitions are unchanged. Prints the verdict; when the
+    window holds less than :data:`LOW_SHARE` of the full-data gain, prints a warning to stderr and
+    returns it (else None). Needs the finished experts stage; call it on rank 0 alone."""
+    definition = fingerprint(
+        {"distill": defining(config, "distill"), "evaluate": defining(config, "evaluate")}
+    )
+    path = store.analysis_path("window", "json")
+    record = read_json(path) if path.is_file() else {}
+    if record.get("definition") != definition:
+        window = window_of(config, real.num_train)
+        experts = list(range(min(2, config.experts.num_experts)))
+        print(
+            f"window check: probing experts {experts} at epochs 0 and {window.end_epoch} "
+            "(distill.check_window)"
+        )
+        record = analyse(
+            config,
+            store.path,
+            experts,
+            [0, window.end_epoch],
+            real=real,
+            runtime=runtime,
+            name="window",
+            extra={"definition": definition},
+        )
+    print(f"window check: {record['verdict']}")
+    share = record["window_share"]
+    if share >= LOW_SHARE:
+        return None
+    held = "no" if share != share else f"{100 * share:.0f}% of the"  # nan: no gain to share
+    warning = (
+        f"mkdt: warning: the matched window holds {held} full-data gain, so MKDT cannot beat no "
+        f"pre-training by much here; see {store.analysis_path('window', 'md')} and docs/method.md §8"
+    )
+    print(warning, file=sys.stderr)
+    return warning
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -276,6 +318,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace, config: Config) -> None:
     analyse(config, args.out, args.experts, args.epochs)
-    folder = Path(args.out) / "analysis"
-    print((folder / "trajectories.md").read_text(), end="")
-    print(f"wrote {folder}/trajectories.{{md,json,png}}")
+    store = RunDir(args.out)
+    print(store.analysis_path("trajectories", "md").read_text(), end="")
+    print(f"wrote {store.analysis_dir}/trajectories.{{md,json,png}}")

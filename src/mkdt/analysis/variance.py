@@ -67,7 +67,7 @@ import copy
 import dataclasses
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -116,7 +116,7 @@ PAPER: dict[str, Any] = {
 SSL_WEIGHT_DECAY = 1e-6  # A.2
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Recipe:
     """How one method's runs are trained."""
 
@@ -211,10 +211,22 @@ class Options:
     def recipes(self) -> list[Recipe]:
         """The recipes of the chosen methods, in :data:`METHODS` order."""
         every = {
-            "ssl": Recipe("ssl", "adam", self.ssl_lr, self.ssl_batch, SSL_WEIGHT_DECAY),
-            "ssl_4x": Recipe("ssl_4x", "adam", self.ssl_lr, 4 * self.ssl_batch, SSL_WEIGHT_DECAY),
-            "sl": Recipe("sl", "sgd", self.sgd_lr, self.sgd_batch),
-            "kd": Recipe("kd", "sgd", self.sgd_lr, self.sgd_batch),
+            "ssl": Recipe(
+                method="ssl",
+                optimizer="adam",
+                lr=self.ssl_lr,
+                batch_size=self.ssl_batch,
+                weight_decay=SSL_WEIGHT_DECAY,
+            ),
+            "ssl_4x": Recipe(
+                method="ssl_4x",
+                optimizer="adam",
+                lr=self.ssl_lr,
+                batch_size=4 * self.ssl_batch,
+                weight_decay=SSL_WEIGHT_DECAY,
+            ),
+            "sl": Recipe(method="sl", optimizer="sgd", lr=self.sgd_lr, batch_size=self.sgd_batch),
+            "kd": Recipe(method="kd", optimizer="sgd", lr=self.sgd_lr, batch_size=self.sgd_batch),
         }
         return [every[m] for m in METHODS if m in self.methods]
 
@@ -234,14 +246,14 @@ def parse_options(args: argparse.Namespace) -> Options:
 
     text, methods = comma_list(get("methods"))
     o = Options(
-        tuple(m for m in METHODS if m in methods),  # in METHODS order (variance.json sorts its keys)
-        int(get("runs")),
-        int(get("steps")),
-        int(get("record_every")),
-        int(get("ssl_batch")),
-        int(get("sgd_batch")),
-        float(get("ssl_lr")),
-        float(get("sgd_lr")),
+        methods=tuple(m for m in METHODS if m in methods),  # in METHODS order (variance.json sorts its keys)
+        runs=int(get("runs")),
+        steps=int(get("steps")),
+        record_every=int(get("record_every")),
+        ssl_batch=int(get("ssl_batch")),
+        sgd_batch=int(get("sgd_batch")),
+        ssl_lr=float(get("ssl_lr")),
+        sgd_lr=float(get("sgd_lr")),
     )
     if o.runs < 2:
         raise ConfigError(f"--runs must be >= 2 (a variance across runs), got {o.runs}")
@@ -370,47 +382,9 @@ def train_run(
     """Train a copy of the problem's initialisation with ``recipe`` on the batches ``order``
     (steps, batch) of D_real indices; SSL views draw from ``augment_seed``. Returns the encoder's
     flat weights after each step in ``record_at`` (S, P) and the mean loss since the previous one."""
-    rt = problem.runtime
-    student = rt.prepare(copy.deepcopy(problem.student))
+    student = problem.runtime.prepare(copy.deepcopy(problem.student))
     student.train()
-    features = features_of(student)
-    encoder = [p for _, p in encoder_parameters(student)]
-    aug_gen = generator(augment_seed, problem.images.device)
-    if recipe.method in ("ssl", "ssl_4x"):
-        projector = copy.deepcopy(problem.projector).train()
-        params = [*encoder, *projector.parameters()]
-    elif recipe.method == "sl":
-        classifier = copy.deepcopy(problem.classifier).train()
-        params = [*encoder, *classifier.parameters()]
-    elif recipe.method == "kd":
-        params = list(student.parameters())
-    else:
-        raise ValueError(f"unknown method {recipe.method!r}")
-    optimizer: torch.optim.Optimizer
-    if recipe.optimizer == "adam":
-        optimizer = torch.optim.Adam(params, lr=recipe.lr, weight_decay=recipe.weight_decay)
-    else:
-        optimizer = torch.optim.SGD(params, lr=recipe.lr, momentum=0.0, weight_decay=recipe.weight_decay)
-    kd_loss = KDLoss()
-
-    def step(idx: torch.Tensor) -> torch.Tensor:
-        if recipe.method in ("ssl", "ssl_4x"):
-            view1, view2 = problem.augment.two_views(problem.images[idx], aug_gen)
-            return ssl_step(
-                lambda x: projector(features(x)), problem.ssl_loss, view1, view2, params, optimizer, rt
-            )
-        x = rt.images(problem.inputs[idx])
-        with rt.autocast():
-            out = classifier(features(x)) if recipe.method == "sl" else student(x)
-        if recipe.method == "sl":
-            loss = F.cross_entropy(out.float(), problem.labels[idx])
-        else:
-            loss = kd_loss(out, problem.targets[idx])
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        return loss.detach()
-
+    step = _make_step(problem, recipe, student, augment_seed)
     wanted = set(record_at)
     snapshots, losses = [], []
     total, since = torch.zeros((), device=problem.images.device), 0
@@ -431,6 +405,89 @@ def train_run(
     if len(snapshots) != len(wanted):
         raise ValueError(f"record steps {sorted(wanted)} must lie in [1, {len(order)}]")
     return torch.stack(snapshots), losses
+
+
+Step = Callable[[torch.Tensor], torch.Tensor]
+
+
+def _make_step(problem: Problem, recipe: Recipe, student: nn.Module, augment_seed: int) -> Step:
+    """The optimiser step of ``recipe``'s method on ``student`` (a prepared copy of the
+    initialisation): a batch of D_real indices in, its detached loss out. Only the student's encoder
+    and the method's head are updated: a copy of the problem's projector (SSL, views drawn from
+    ``augment_seed``), a copy of its classifier (SL), the student's own head (KD)."""
+    if recipe.method in ("ssl", "ssl_4x"):
+        return _ssl_step(problem, recipe, student, generator(augment_seed, problem.images.device))
+    if recipe.method == "sl":
+        return _sl_step(problem, recipe, student)
+    if recipe.method == "kd":
+        return _kd_step(problem, recipe, student)
+    raise ValueError(f"unknown method {recipe.method!r}")
+
+
+def _optimizer(recipe: Recipe, params: list[nn.Parameter]) -> torch.optim.Optimizer:
+    """Adam or plain SGD (no momentum) over ``params`` at the recipe's lr and weight decay."""
+    if recipe.optimizer == "adam":
+        return torch.optim.Adam(params, lr=recipe.lr, weight_decay=recipe.weight_decay)
+    return torch.optim.SGD(params, lr=recipe.lr, momentum=0.0, weight_decay=recipe.weight_decay)
+
+
+def _ssl_step(problem: Problem, recipe: Recipe, student: nn.Module, aug_gen: torch.Generator) -> Step:
+    """Barlow Twins on two augmented views of the batch, through a copy of the projector."""
+    features = features_of(student)
+    projector = copy.deepcopy(problem.projector).train()
+    params = [*(p for _, p in encoder_parameters(student)), *projector.parameters()]
+    optimizer = _optimizer(recipe, params)
+
+    def step(idx: torch.Tensor) -> torch.Tensor:
+        view1, view2 = problem.augment.two_views(problem.images[idx], aug_gen)
+        return ssl_step(
+            lambda x: projector(features(x)),
+            problem.ssl_loss,
+            view1,
+            view2,
+            params,
+            optimizer,
+            problem.runtime,
+        )
+
+    return step
+
+
+def _sl_step(problem: Problem, recipe: Recipe, student: nn.Module) -> Step:
+    """Cross-entropy on D_real's labels through a copy of the linear classifier."""
+    rt, features = problem.runtime, features_of(student)
+    classifier = copy.deepcopy(problem.classifier).train()
+    optimizer = _optimizer(recipe, [*(p for _, p in encoder_parameters(student)), *classifier.parameters()])
+
+    def step(idx: torch.Tensor) -> torch.Tensor:
+        x = rt.images(problem.inputs[idx])
+        with rt.autocast():
+            out = classifier(features(x))
+        return _update(optimizer, F.cross_entropy(out.float(), problem.labels[idx]))
+
+    return step
+
+
+def _kd_step(problem: Problem, recipe: Recipe, student: nn.Module) -> Step:
+    """KD: the student's output regressed onto the teacher targets (:class:`KDLoss`)."""
+    rt, kd_loss = problem.runtime, KDLoss()
+    optimizer = _optimizer(recipe, list(student.parameters()))
+
+    def step(idx: torch.Tensor) -> torch.Tensor:
+        x = rt.images(problem.inputs[idx])
+        with rt.autocast():
+            out = student(x)
+        return _update(optimizer, kd_loss(out, problem.targets[idx]))
+
+    return step
+
+
+def _update(optimizer: torch.optim.Optimizer, loss: torch.Tensor) -> torch.Tensor:
+    """One optimiser step on ``loss``; returns it detached."""
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return loss.detach()
 
 
 def train_runs(
@@ -643,10 +700,9 @@ def main(args: argparse.Namespace, config: Config) -> None:
     }
     if not runtime.is_main:
         return
-    folder = store.path / "analysis"
-    write_json(folder / "variance.json", summary)
+    write_json(store.analysis_path("variance", "json"), summary)
     table = render_table(summary)
-    write_text(folder / "variance.md", table)
-    plot(summary, folder / "variance.png")
+    write_text(store.analysis_path("variance", "md"), table)
+    plot(summary, store.analysis_path("variance", "png"))
     print(table)
-    print(f"wrote {folder / 'variance.md'}, variance.json, variance.png")
+    print(f"wrote {store.analysis_path('variance', 'md')}, variance.json, variance.png")

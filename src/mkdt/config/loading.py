@@ -195,32 +195,54 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
     return _scalar(tp, value, key)
 
 
+def _to_bool(value: Any) -> bool:
+    """A YAML bool, or true/false, 1/0, yes/no in any case; ValueError otherwise."""
+    if isinstance(value, bool):
+        return value
+    if str(value).lower() in ("true", "false", "1", "0", "yes", "no"):
+        return str(value).lower() in ("true", "1", "yes")
+    raise ValueError(value)
+
+
+def _to_int(value: Any) -> int:
+    """An integer (a float only when whole; never a bool); ValueError otherwise."""
+    if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+        raise ValueError(value)
+    return int(value)
+
+
+def _to_float(value: Any) -> float:
+    """A number (never a bool), possibly not finite; ValueError otherwise."""
+    if isinstance(value, bool):
+        raise ValueError(value)
+    return float(value)
+
+
+def _to_str(value: Any) -> str:
+    """Any scalar's text (not null, a mapping or a list); ValueError otherwise."""
+    if value is None or isinstance(value, (dict, list)):
+        raise ValueError(value)
+    return str(value)
+
+
+SCALARS: dict[type, typing.Callable[[Any], Any]] = {
+    bool: _to_bool,
+    int: _to_int,
+    float: _to_float,
+    str: _to_str,
+}
+
+
 def _scalar(tp: type, value: Any, key: str) -> Any:
+    """``value`` as the scalar type ``tp`` of config key ``key`` (:data:`SCALARS`; a float must be
+    finite); ConfigError naming the key and the value otherwise."""
     try:
-        if tp is bool:
-            if isinstance(value, bool):
-                return value
-            if str(value).lower() in ("true", "false", "1", "0", "yes", "no"):
-                return str(value).lower() in ("true", "1", "yes")
-            raise ValueError
-        if tp is int:
-            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
-                raise ValueError
-            return int(value)
-        if tp is float:
-            if isinstance(value, bool):
-                raise ValueError
-            number = float(value)
-            if not math.isfinite(number):
-                raise ConfigError(f"config key {key} must be a finite number, got {value!r}")
-            return number
-        if tp is str:
-            if value is None or isinstance(value, (dict, list)):
-                raise ValueError
-            return str(value)
-    except (TypeError, ValueError):
-        pass
-    raise ConfigError(f"config key {key} must be {tp.__name__}, got {value!r}")
+        result = SCALARS[tp](value)
+    except (KeyError, TypeError, ValueError):
+        raise ConfigError(f"config key {key} must be {tp.__name__}, got {value!r}") from None
+    if tp is float and not math.isfinite(result):
+        raise ConfigError(f"config key {key} must be a finite number, got {value!r}")
+    return result
 
 
 def iter_fields(obj: Any, prefix: str = "") -> typing.Iterator[tuple[str, Any, str]]:

@@ -193,8 +193,9 @@ class RunReport:
             if path.suffix == ".md":
                 lines += [path.read_text().strip(), ""]
             else:
-                (self.folder / "analysis" / rel).parent.mkdir(parents=True, exist_ok=True)
-                shutil.copyfile(path, self.folder / "analysis" / rel)
+                copy = self.folder / path.relative_to(self.store.path)  # analysis/REL beside the page
+                copy.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(path, copy)
                 lines += [self.image(f"analysis/{rel}", f"analysis/{rel}"), ""]
         return lines
 

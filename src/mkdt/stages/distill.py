@@ -76,7 +76,7 @@ def add_variants(ctx: StageContext, done: dict[str, Any]) -> dict[str, Any]:
     if ctx.runtime.is_main:
         print(f"distill: the main set is done; adding distill.variants {', '.join(missing)}")
     inputs = MatchingInputs.load(ctx)
-    variants, artifacts = dict(made), tuple(store.path / rel for rel in done["artifacts"])
+    variants, artifacts = dict(made), tuple(map(store.artifact_path, done["artifacts"]))
     for init in missing:
         variants[init], files = distill_set(ctx, inputs, store.variant(init))
         artifacts += files
