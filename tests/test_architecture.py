@@ -60,10 +60,6 @@ def test_data_nn_and_train_do_not_import_the_config():
             assert not any(d == "mkdt.config" or d.startswith("mkdt.config.") for d in deps), module
 
 
-# removed when the vocabulary/engine branches merge: files that still build run-directory paths
-RUN_PATHS_STILL_BUILT_IN = {"analysis/mtt.py", "external/sources.py", "stages/evaluate.py"}
-
-
 def _run_dir_vocabulary() -> tuple[set[str], set[str]]:
     """RunDir's members that give a path inside the run directory (``path`` and every property
     or method annotated ``-> Path``), and the run directory's top-level entries: the first part
@@ -138,7 +134,4 @@ def test_only_the_store_builds_paths_inside_a_run_directory():
         rel = path.relative_to(package).as_posix()
         if rel != "store.py" and (lines := _run_paths_built(ast.parse(path.read_text()), members, names)):
             found[rel] = lines
-    unexpected = {rel: lines for rel, lines in found.items() if rel not in RUN_PATHS_STILL_BUILT_IN}
-    assert not unexpected, f"paths inside a run directory built outside RunDir (file: lines): {unexpected}"
-    fixed = RUN_PATHS_STILL_BUILT_IN - set(found)
-    assert not fixed, f"remove {sorted(fixed)} from RUN_PATHS_STILL_BUILT_IN: they build no run paths now"
+    assert not found, f"paths inside a run directory built outside RunDir (file: lines): {found}"
