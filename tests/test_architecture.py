@@ -15,7 +15,24 @@ from mkdt.graph import STAGES  # noqa: E402
 from mkdt.pipeline import RUNNERS  # noqa: E402
 from mkdt.store import RunDir  # noqa: E402
 
-EDGES = import_graph.graph(ROOT / "src")
+SRC = ROOT / "src"
+EDGES = import_graph.graph(SRC)
+LAYERS: list[list[str]] = [
+    ["__init__.py", "errors.py"],
+    ["files.py", "methods.py", "runtime.py"],
+    ["data/", "nn/", "results.py"],
+    ["config/", "train/"],
+    ["graph.py", "store.py"],
+    ["downstream.py", "reporting/"],
+    ["analysis/", "stages/"],
+    ["external/", "pipeline.py"],
+    ["cli.py"],
+    ["__main__.py"],
+]
+"""docs/architecture.md's picture, bottom to top: each layer's units (:func:`import_graph.unit_of`:
+a subpackage of src/mkdt with everything in it, ``name/``; a top-level module, ``name.py``; the
+package's ``__init__.py``)."""
+LAYER_OF = {unit: i for i, layer in enumerate(LAYERS) for unit in layer}
 STAGE_MODULES = {f"mkdt.stages.{name}" for name in STAGES}
 ABOVE_LIBRARY = {
     "mkdt.downstream",
@@ -29,6 +46,50 @@ ABOVE_LIBRARY = {
     *STAGE_MODULES,
 }
 LIBRARY_PACKAGES = ("mkdt.data", "mkdt.nn", "mkdt.train")
+
+
+def test_every_module_belongs_to_exactly_one_layer():
+    placed = [unit for layer in LAYERS for unit in layer]
+    assert len(placed) == len(set(placed)), "a unit listed twice in LAYERS"
+    units = {import_graph.unit_of(module, SRC) for module in EDGES}
+    unplaced, stale = units - set(placed), set(placed) - units
+    assert not unplaced, f"place these in LAYERS (and in docs/architecture.md's picture): {unplaced}"
+    assert not stale, f"LAYERS lists units that do not exist: {stale}"
+
+
+def test_every_import_points_down_the_layers():
+    """The rule of docs/architecture.md's picture: a module imports only modules of its own unit
+    (its subpackage; the imports inside one are acyclic, test_there_are_no_import_cycles) or of
+    units in strictly lower layers of LAYERS. Units side by side in a layer import nothing of each other."""
+    wrong = []
+    for module, deps in EDGES.items():
+        unit = import_graph.unit_of(module, SRC)
+        for dep in sorted(deps):
+            other = import_graph.unit_of(dep, SRC)
+            if other != unit and LAYER_OF[other] >= LAYER_OF[unit]:
+                wrong.append(f"{module} ({unit}, {LAYER_OF[unit]}) -> {dep} ({other}, {LAYER_OF[other]})")
+    assert not wrong, "imports that do not point down LAYERS (unit, layer):\n" + "\n".join(wrong)
+
+
+def test_the_picture_has_the_layers_the_graph_needs_and_the_doc_draws_them():
+    """As many layers as the longest chain of unit imports (``package layers`` of
+    ``python tools/import_graph.py``), and docs/architecture.md's picture says so and draws each
+    layer's units on the line of its number (and the lines under it, up to the next number)."""
+    needed = import_graph.layers(import_graph.unit_graph(EDGES, SRC))
+    assert len(LAYERS) == len(needed), needed
+    doc = (ROOT / "docs" / "architecture.md").read_text()
+    assert f"{len(LAYERS)} layers" in doc
+    picture = doc.split("```\n")[1]
+    drawn: dict[int, str] = {}
+    number = None
+    for line in picture.splitlines():
+        if match := re.match(r"\s*(\d+)\s", line):
+            number = int(match[1])
+        if number is not None:
+            drawn[number] = drawn.get(number, "") + line + "\n"
+    for i, layer in enumerate(LAYERS):
+        missing = [unit for unit in layer if unit not in drawn.get(i, "")]
+        assert not missing, f"docs/architecture.md does not draw {missing} in layer {i}"
 
 
 def test_there_are_no_import_cycles():

@@ -3,10 +3,13 @@
     python tools/import_graph.py [SRC_DIR] [--edges]
 
 prints the number of modules, import edges (module -> module inside the package, every import
-statement counted once per pair, function-level imports included), import cycles, and the layers:
-layer 0 holds the modules that import no other mkdt module, layer k those whose imports all lie in
-layers < k (the modules of a cycle count as one). ``tests/test_architecture.py`` uses :func:`graph` to
-hold the architecture's rules.
+statement counted once per pair, function-level imports included), import cycles, and two
+layerings: the modules' layers (layer 0 holds the modules that import no other mkdt module, layer k
+those whose imports all lie in layers < k; the modules of a cycle count as one) and the package
+layers, the same on the units of docs/architecture.md's picture (:func:`unit_of`: a subpackage with
+everything in it counts as one unit). ``tests/test_architecture.py`` uses :func:`graph` and
+:func:`unit_of` to hold the architecture's rules and its ``LAYERS``, whose length is the number of
+package layers printed here.
 """
 
 from __future__ import annotations
@@ -50,6 +53,26 @@ def graph(src: Path, package: str = "mkdt") -> dict[str, set[str]]:
                 if target and target != name and target.startswith(package):
                     edges[name].add(target)
     return edges
+
+
+def unit_of(module: str, src: Path) -> str:
+    """The unit of the package's picture that ``module`` belongs to: ``data/`` for ``mkdt.data``
+    and everything in that subpackage (``mkdt.data.formats.cifar`` too), ``cli.py`` for the
+    top-level module ``mkdt.cli``, ``__init__.py`` for the package itself."""
+    parts = module.split(".")
+    if len(parts) == 1:
+        return "__init__.py"
+    return f"{parts[1]}/" if (src / parts[0] / parts[1]).is_dir() else f"{parts[1]}.py"
+
+
+def unit_graph(edges: dict[str, set[str]], src: Path) -> dict[str, set[str]]:
+    """{unit: the other units its modules import} (:func:`unit_of`); imports inside a unit are left out."""
+    units: dict[str, set[str]] = {}
+    for module, deps in edges.items():
+        unit = unit_of(module, src)
+        units.setdefault(unit, set()).update(unit_of(d, src) for d in deps)
+        units[unit].discard(unit)
+    return units
 
 
 def cycles(edges: dict[str, set[str]]) -> list[list[str]]:
@@ -121,15 +144,18 @@ def main(argv: list[str]) -> int:
     }
     found = cycles(edges)
     stacked = layers(edges)
+    packages = layers(unit_graph(edges, src))
     print(
         f"modules: {len(edges)}  edges: {sum(map(len, edges.values()))}  cycles: {len(found)}  "
-        f"layers: {len(stacked)}  lines: {sum(lines.values())} (largest module "
-        f"{max(lines.values())})"
+        f"layers: {len(stacked)}  package layers: {len(packages)}  lines: {sum(lines.values())} "
+        f"(largest module {max(lines.values())})"
     )
     for cycle in found:
         print("cycle:", " <-> ".join(cycle))
     for i, layer in enumerate(stacked):
         print(f"layer {i}: " + ", ".join(f"{m.removeprefix('mkdt.') or 'mkdt'} ({lines[m]})" for m in layer))
+    for i, units in enumerate(packages):
+        print(f"package layer {i}: " + ", ".join(units))
     if "--edges" in argv:
         for m in sorted(edges):
             print(f"{m} -> {', '.join(sorted(edges[m]))}")

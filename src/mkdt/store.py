@@ -4,7 +4,9 @@ Stages talk to each other only through this store. Layout of a run directory ``O
 
     OUT/config.yaml                          resolved config of the last command
     OUT/manifest.json                        config, seed, code version, every finished stage's record
-    OUT/<stage>/stage.json                   the stage's record: fingerprint, definition, time, result
+    OUT/log.txt                              what the commands printed, appended command by command
+    OUT/<stage>/stage.json                   the stage's record: fingerprint, definition, time, result,
+                                             each artifact's size and sha256
     OUT/teacher/encoder.safetensors          teacher encoder state dict (+ model, normalisation)
     OUT/teacher/checkpoint.pt                resumable SSL training state
     OUT/targets/targets.safetensors          ``targets`` (N, D) float32, rows in D_real order
@@ -14,10 +16,23 @@ Stages talk to each other only through this store. Layout of a run directory ``O
     OUT/distill/grid.png, checkpoint.pt      the distilled images; resumable matching state
     OUT/distill/history.csv                  per iteration: loss, alpha_syn, pixel change, segments
     OUT/distill/snapshot_<it>.safetensors    the set after iteration <it> (``distill.snapshots``)
-    OUT/distill/variants/<init>/             the same files for each of ``distill.variants``
+    OUT/distill/variants/<init>/             synthetic.safetensors, grid.png, checkpoint.pt,
+                                             history.csv, snapshot_<it>.safetensors of the variant
+                                             that starts from init subset <init> (``distill.variants``)
     OUT/evaluate/partial.json                finished (method, seed) evaluations
     OUT/results.json, OUT/results.md         the evaluation's records and table
     OUT/imported/<name>.safetensors          a set of ``mkdt import``, evaluated as ``ext:<name>``
+    OUT/analysis/<name>.md, .json, .png      ``mkdt analyze <name>``'s table, numbers and plot:
+                                             trajectories, window (the window check of ``mkdt run``),
+                                             replay (md and json), variance, mtt
+    OUT/analysis/mtt/<m>_expert_KKKK.safetensors  expert k of ``mkdt analyze mtt``'s method <m>
+                                             (mtt_ssl, mtt_sl)
+    OUT/analysis/mtt/mtt_ssl.safetensors     the MTT-SSL set of ``mkdt analyze mtt``, evaluated as
+                                             ``mtt_ssl``
+
+Every file but the appended ``log.txt`` is written in a private temporary folder beside it
+(``.<name>.<host>.<pid>.<random>.tmp``) and renamed into place (:func:`mkdt.files.atomic_path`);
+:meth:`RunDir.prepare` removes the folders that killed processes left.
 
 A stage is finished when its ``stage.json`` exists; that record is written last, so a crash never
 leaves a stage that looks finished. Each stage's *definition* (:mod:`mkdt.graph`) is stored in its

@@ -1,5 +1,8 @@
 """Analyses beside the pipeline: they read a run directory (or nothing) and write a table (.md),
-the numbers (.json) and a plot (.png) to ``RUN/analysis/`` (or ``--out``); no stage reads them.
+the numbers (.json) and a plot (.png) to ``RUN/analysis/`` (or ``--out``). No stage reads them but
+the evaluation's optional ``mtt_ssl`` method, which pre-trains on the set ``mtt`` writes; ``mkdt run``
+runs the window check of ``trajectories`` (:func:`mkdt.analysis.trajectories.check_window`)
+before distilling.
 
 Each analysis module defines ``SUMMARY`` (one line for ``mkdt analyze --help``), ``NEEDS_RUN``
 (whether it takes the run's config and ``--out RUN``), ``add_arguments(parser)`` for its own

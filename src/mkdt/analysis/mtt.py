@@ -983,10 +983,9 @@ def analyse(
         return record
     if "mtt_ssl" in distillers:
         save_ssl_set(store, distillers["mtt_ssl"], real.data, config, options)
-    folder = store.analysis_dir
-    write_json(folder / "mtt.json", record)
-    write_text(folder / "mtt.md", render_table(record))
-    plot(record, folder / "mtt.png")
+    write_json(store.analysis_path("mtt", "json"), record)
+    write_text(store.analysis_path("mtt", "md"), render_table(record))
+    plot(record, store.analysis_path("mtt", "png"))
     return record
 
 
@@ -994,6 +993,6 @@ def main(args: argparse.Namespace, config: Config) -> None:
     """Check the options, run the analysis on ``args.out``, print the table."""
     options = parse_options(args)
     analyse(config, args.out, options, preset=getattr(args, "preset", None))
-    folder = RunDir(args.out).analysis_dir
-    print((folder / "mtt.md").read_text(), end="")
-    print(f"wrote {folder}/mtt.{{md,json,png}} and {folder}/mtt/")
+    store = RunDir(args.out)
+    print(store.analysis_path("mtt", "md").read_text(), end="")
+    print(f"wrote {store.analysis_dir}/mtt.{{md,json,png}} and {store.mtt_dir}/")
