@@ -678,6 +678,7 @@ def test_corrupt_cache_file_is_rebuilt_with_a_warning(tmp_path, monkeypatch):
 # --- real data ----------------------------------------------------------------------------------
 
 
+@pytest.mark.slow  # decodes all 60,000 CIFAR-10 JPEGs
 def test_real_cifar10_jpeg_archive(cifar10_jpeg):
     data = cifar10_jpeg
     assert data.train_images.shape == (50_000, 3, 32, 32)

@@ -12,6 +12,8 @@ import pytest
 
 from tests.helpers import TINY
 
+pytestmark = pytest.mark.slow  # the benchmark scripts as subprocesses: about a minute
+
 BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
 sys.path.insert(0, str(BENCHMARKS))
 stages = pytest.importorskip("stages")

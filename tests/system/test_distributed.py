@@ -19,9 +19,13 @@ from tests.helpers import TINY
 ROOT = Path(__file__).resolve().parents[2]
 WORKER = ROOT / "tests" / "system" / "distributed_worker.py"
 TORCHRUN = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or shutil.which("torchrun")
-pytestmark = pytest.mark.skipif(
-    TORCHRUN is None or not torch.distributed.is_available(), reason="needs torchrun and torch.distributed"
-)
+pytestmark = [
+    pytest.mark.slow,  # torchrun jobs of two ranks: minutes
+    pytest.mark.skipif(
+        TORCHRUN is None or not torch.distributed.is_available(),
+        reason="needs torchrun and torch.distributed",
+    ),
+]
 ENV = {**os.environ, "MKDT_PROGRESS": "0", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
 
 

@@ -16,6 +16,8 @@ import pytest
 
 from tests.helpers import TINY
 
+pytestmark = pytest.mark.slow  # real runs killed and resumed: minutes
+
 ARGS = [*TINY, "teacher.probe=false", "evaluate.seeds=1"]
 # files that hold timestamps, timings or a log of the attempts
 VOLATILE = {"stage.json", "manifest.json", "checkpoint.pt", "partial.json", "log.txt"}
