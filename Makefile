@@ -1,10 +1,11 @@
 # make demo : create .venv, install mkdt, run the whole pipeline on the embedded digits data
 # make test : create .venv, install mkdt with test tools, run ruff (lint + format), mypy and the test suite (what CI runs)
+# make quick: the test suite without the tests marked slow (a loop of about 2 minutes)
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test lint install clean
+.PHONY: demo test quick lint install clean
 
 install: $(VENV)/.installed
 
@@ -22,6 +23,9 @@ test: install
 	$(BIN)/ruff format --check src tests benchmarks tools
 	$(BIN)/mypy
 	$(BIN)/python -m pytest -q
+
+quick: install
+	$(BIN)/python -m pytest -q -m "not slow"
 
 clean:
 	rm -rf runs .pytest_cache
