@@ -14,6 +14,7 @@ from safetensors.torch import safe_open
 
 from mkdt.data.decode import channel_stats, reason
 from mkdt.data.types import DatasetSpec, ImageData
+from mkdt.data.walk import walk_tree
 from mkdt.errors import DataError, MkdtError
 from mkdt.files import save_tensors
 
@@ -66,15 +67,14 @@ def _fingerprint(source: Path | None, skip: Path) -> str:
         stat = source.stat()
         return f"{stat.st_size}\t{stat.st_mtime_ns}"
     lines = []
-    for folder, subdirs, files in os.walk(source, followlinks=True):
-        subdirs[:] = sorted(d for d in subdirs if Path(folder, d) != skip)
-        for file in sorted(files):
-            path = Path(folder, file)
-            try:
-                stat = path.stat()
-            except OSError:  # a dangling link: decoding skips or reports it
-                continue
-            lines.append(f"{path.relative_to(source)}\t{stat.st_size}\t{stat.st_mtime_ns}")
+    for entry in walk_tree(source, lambda parts, _is_dir: source.joinpath(*parts) != skip):
+        if entry.is_dir:
+            continue
+        try:
+            stat = entry.path.stat()
+        except OSError:  # a dangling link: decoding skips or reports it
+            continue
+        lines.append(f"{entry.path.relative_to(source)}\t{stat.st_size}\t{stat.st_mtime_ns}")
     return "\n".join(lines)
 
 
@@ -113,5 +113,17 @@ def _write_cache(path: Path, data: ImageData) -> None:
         save_tensors(path, {key: getattr(data, key) for key in _TENSOR_KEYS}, meta)
     except (OSError, MkdtError) as err:  # a full disk or a read-only cache: the cache is optional
         warnings.warn(
-            f"cannot write dataset cache {path} ({reason(err)}); continuing without it", stacklevel=4
+            f"cannot write dataset cache {path} ({_cause(err)}); continuing without it: point "
+            "data.cache_dir (or $MKDT_CACHE) at a writable folder with free space to keep the decoded "
+            "dataset",
+            stacklevel=4,
         )
+
+
+def _cause(err: BaseException) -> str:
+    """What went wrong in a failed cache write: the words of the error underneath, without the
+    advice about --out that a failed artifact write adds, which is wrong for the cache."""
+    cause = err if isinstance(err, OSError) else (err.__context__ or err)
+    if isinstance(cause, OSError) and cause.strerror:
+        return cause.strerror
+    return reason(cause)

@@ -23,6 +23,7 @@ from mkdt.data.formats.imagefolder import ARCHIVES, LAYOUT, decode_imagefolder, 
 from mkdt.data.formats.listed import DECODE_SIZE
 from mkdt.data.formats.tinyimagenet import decode_tinyimagenet, download_tinyimagenet, locate_tinyimagenet
 from mkdt.data.types import DatasetSpec, ImageData
+from mkdt.data.walk import walk_tree
 from mkdt.errors import DataError
 
 DATASETS: dict[str, DatasetSpec] = {
@@ -118,14 +119,14 @@ def source_identity(name: str, root: str | None) -> dict[str, str] | None:
         listing = str(path.stat().st_size)
     else:
         lines = []
-        for folder, subdirs, files in os.walk(path, followlinks=True):
-            subdirs.sort()
-            for file in sorted(files):
-                try:
-                    size = Path(folder, file).stat().st_size
-                except OSError:  # a dangling link: decoding skips or reports it
-                    continue
-                lines.append(f"{Path(folder, file).relative_to(path)}\t{size}")
+        for entry in walk_tree(path):
+            if entry.is_dir:
+                continue
+            try:
+                size = entry.path.stat().st_size
+            except OSError:  # a dangling link: decoding skips or reports it
+                continue
+            lines.append(f"{entry.path.relative_to(path)}\t{size}")
         listing = "\n".join(lines)
     return {"path": str(path), "files_sha256": hashlib.sha256(listing.encode()).hexdigest()}
 

@@ -11,9 +11,9 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
+from mkdt.data.memory import CHUNK, check_memory
 from mkdt.errors import DataError
 
-CHUNK = 2048  # images per step when resizing or computing statistics
 Stats = tuple[tuple[float, ...], tuple[float, ...]]
 
 
@@ -108,6 +108,12 @@ class ImageData:
             return self
         if size < 1:
             raise DataError(f"data.resolution must be a positive number of pixels, got {size}")
+        check_memory(
+            self.num_train + len(self.test_images),
+            self.channels,
+            size,
+            f"{self.name} at data.resolution={size}",
+        )
         return replace(
             self, train_images=_resize(self.train_images, size), test_images=_resize(self.test_images, size)
         )

@@ -184,7 +184,7 @@ def _targets(
             f"the source's targets have shape {shape}, not ({n}, {dim}) like the run's teacher "
             "targets; pass --teacher-targets to encode the images with the run's teacher instead"
         )
-    if not found.targets.is_floating_point() or not torch.isfinite(found.targets).all():
+    if not found.targets.is_floating_point() or not torch.isfinite(found.targets.float()).all():
         raise DataError(f"the source's targets are {found.targets.dtype} with non-finite or non-float values")
     return found.targets.float(), found.targets_from
 

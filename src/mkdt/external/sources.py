@@ -13,13 +13,17 @@ Kinds (:data:`KINDS`):
   (n, H, W, C) with the run's channels and size; their pixel scale is stated (:data:`SCALES`) and
   checked by :func:`check_scale`;
 - ``folder``: image files (PNG, JPEG, ...) under a folder, flat or in class subfolders, taken in
-  the sorted order of their relative paths; a ``targets.safetensors`` in the folder (tensor
-  ``targets``, one row per file in that order, as ``mkdt export`` writes) gives their targets;
+  the sorted order of their relative paths (links as :func:`mkdt.data.walk.walk_tree` follows
+  them; pixels by the rule of :func:`mkdt.data.decode.to_8bit`, e.g. 16-bit v -> round(v / 257));
+  a ``targets.safetensors`` in the folder (tensor ``targets``, one row per file in that order, as
+  ``mkdt export`` writes) gives their targets;
 - ``run``: another mkdt run directory's distilled set (``distill/synthetic.safetensors``).
 
-Imported images are never resized or converted between RGB and grayscale (grayscale files in a
-folder are repeated to RGB for an RGB run): a size or channel mismatch is refused. Every problem
-with a source raises :class:`DataError` (one line); nothing a source holds can run code.
+Image tensors of any integer dtype hold uint8 pixels when their values lie in [0, 255]; wider
+values are refused with the rule that maps 16 bits to 8. Imported images are never resized or
+converted between RGB and grayscale (grayscale files in a folder are repeated to RGB for an RGB
+run): a size or channel mismatch is refused. Every problem with a source raises
+:class:`DataError` (one line); nothing a source holds can run code.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ import hashlib
 import io
 import json
 import pickle
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -40,6 +45,7 @@ from safetensors.torch import load_file
 
 from mkdt.data import ImageData
 from mkdt.data.decode import IMAGE_SUFFIXES, decode_image, read_bytes, reason
+from mkdt.data.walk import Parts, walk_tree
 from mkdt.errors import ArtifactError, ConfigError, DataError
 from mkdt.files import file_sha256, read_metadata
 from mkdt.store import RunDir
@@ -49,6 +55,10 @@ SCALES = ("normalized", "unit", "uint8")
 SCALE_HELP = (
     "--scale uint8: integers in [0, 255]; unit: floats in [0, 1]; normalized: (pixel / 255 - mean) "
     "/ std with the dataset's mean and std, roughly zero-mean with negative values"
+)
+_SIXTEEN_BIT_HELP = (
+    "mkdt takes 8-bit pixels: scale wider ones first, e.g. 16-bit ones to round(value / 257) as "
+    "uint8 (as it decodes 16-bit image files) or to value / 65535 with --scale unit"
 )
 IMAGE_KEYS = ("images", "x_syn", "x", "inputs", "data")
 TARGET_KEYS = ("targets", "y_syn", "y")
@@ -122,10 +132,10 @@ def read_indices(path: Path, num_real: int) -> torch.Tensor:
     if suffix == ".json":
         try:
             values = json.loads(read_bytes(path))
-        except ValueError as err:
+        except (ValueError, RecursionError) as err:  # RecursionError: lists nested too deeply
             raise DataError(f"cannot read {path} as JSON ({reason(err)})") from None
     elif suffix == ".txt":
-        values = _text_indices(path)
+        values = _text_indices(path, num_real)
     elif suffix == ".npy":
         values = _read_npy(path)
     elif suffix in (".pkl", ".pickle"):
@@ -136,43 +146,58 @@ def read_indices(path: Path, num_real: int) -> torch.Tensor:
         if "indices" not in values:
             raise DataError(f"{path} holds a dict without the key 'indices' (keys: {sorted(values)[:5]})")
         values = values["indices"]
-    return check_indices(_as_index_array(values, path), num_real, path)
+    return check_indices(_as_index_array(values, path, num_real), path)
 
 
-def _text_indices(path: Path) -> list[int]:
+def _out_of_range(path: Path, index: object, num_real: int) -> DataError:
+    """The error for an index outside [0, num_real) (a huge one shown by its first digits)."""
+    shown = str(index) if len(str(index)) <= 24 else f"{str(index)[:20]}... ({len(str(index))} digits)"
+    return DataError(
+        f"{path}: index {shown} is out of range; D_real has {num_real} images (indices 0-{num_real - 1})"
+    )
+
+
+def _text_indices(path: Path, num_real: int) -> list[int]:
     """The integers of a text file, separated by white space (e.g. one per line)."""
-    words = read_bytes(path).decode("utf-8", errors="replace").split()
-    try:
-        return [int(word) for word in words]
-    except ValueError:
-        bad = next(w for w in words if not w.lstrip("+-").isdigit())
-        raise DataError(f"{path} holds {bad[:20]!r}, not an integer; expected indices into D_real") from None
+    numbers = []
+    for word in read_bytes(path).decode("utf-8", errors="replace").split():
+        try:
+            numbers.append(int(word))
+        except ValueError:
+            if re.fullmatch(r"[+-]?[0-9]+", word):  # more digits than Python converts
+                raise _out_of_range(path, word, num_real) from None
+            raise DataError(
+                f"{path} holds {word[:20]!r}, not an integer; expected indices into D_real"
+            ) from None
+    return numbers
 
 
-def _as_index_array(values: Any, path: Path) -> np.ndarray:
-    """A list, tuple or numpy array of integers as a 1-D int64 array (bools and floats refused)."""
+def _as_index_array(values: Any, path: Path, num_real: int) -> np.ndarray:
+    """A list, tuple or numpy array of integers as a 1-D int64 array (bools and floats refused;
+    a value outside [0, num_real) refused before conversion, however large)."""
     if isinstance(values, np.ndarray):
         if values.ndim != 1 or values.dtype.kind not in "iu":
             raise DataError(f"{path} holds a {values.ndim}-D {values.dtype} array; expected 1-D integers")
+        beyond = values[(values < 0) | (values >= num_real)]
+        if len(beyond):
+            raise _out_of_range(path, beyond[0], num_real)
         return values.astype(np.int64)
     if not isinstance(values, (list, tuple)):
         raise DataError(f"{path} holds a {type(values).__name__}; expected a list of indices into D_real")
     bad = [v for v in values if isinstance(v, bool) or not isinstance(v, (int, np.integer))]
     if bad:
         raise DataError(f"{path} holds {bad[0]!r} ({type(bad[0]).__name__}); indices must be integers")
+    first_outside = next((v for v in values if not 0 <= v < num_real), None)
+    if first_outside is not None:
+        raise _out_of_range(path, first_outside, num_real)
     return np.asarray(values, dtype=np.int64)
 
 
-def check_indices(indices: np.ndarray, num_real: int, path: Path) -> torch.Tensor:
-    """``indices`` as an int64 tensor when non-empty, distinct and in [0, num_real)."""
+def check_indices(indices: np.ndarray, path: Path) -> torch.Tensor:
+    """In-range ``indices`` (:func:`_as_index_array`) as an int64 tensor when non-empty and
+    distinct."""
     if len(indices) == 0:
         raise DataError(f"{path} holds no indices")
-    outside = indices[(indices < 0) | (indices >= num_real)]
-    if len(outside):
-        raise DataError(
-            f"{path}: index {outside[0]} is out of range; D_real has {num_real} images "
-            f"(indices 0-{num_real - 1})"
-        )
     values, counts = np.unique(indices, return_counts=True)
     if (counts > 1).any():
         twice = values[counts > 1]
@@ -264,10 +289,32 @@ def read_tensors(path: Path) -> tuple[torch.Tensor, torch.Tensor | None]:
         except (SafetensorError, OSError) as err:
             raise DataError(f"cannot read {path} as safetensors ({reason(err)})") from None
     elif suffix == ".npy":
-        found = torch.from_numpy(np.array(_read_npy(path)))
+        found = _npy_tensor(path)
     else:
         raise DataError(f"{path}: image tensors are .pt, .pth, .safetensors or .npy files")
     return _images_and_targets(found, path)
+
+
+def _npy_tensor(path: Path) -> torch.Tensor:
+    """A ``.npy`` array of numbers (in either byte order) as a tensor; other arrays (strings,
+    records, dates) raise DataError."""
+    array = _read_npy(path)
+    if array.dtype.kind not in "biufc":
+        raise DataError(f"{path} holds a {array.dtype} array; expected numbers (pixel values)")
+    return torch.from_numpy(np.array(array, dtype=array.dtype.newbyteorder("=")))
+
+
+def _unusual_kind(tensor: torch.Tensor) -> str | None:
+    """What makes a tensor other than a plain dense one with data (None: nothing)."""
+    if tensor.is_nested:
+        return "nested"
+    if tensor.layout != torch.strided:
+        return str(tensor.layout).removeprefix("torch.")
+    if tensor.is_quantized:
+        return "quantized"
+    if tensor.is_meta:
+        return "meta (data-less)"
+    return None
 
 
 def _images_and_targets(found: Any, path: Path) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -288,6 +335,8 @@ def _images_and_targets(found: Any, path: Path) -> tuple[torch.Tensor, torch.Ten
     for what, value in (("images", images), ("targets", targets)):
         if value is not None and not isinstance(value, torch.Tensor):
             raise DataError(f"{path}: the {what} are a {type(value).__name__}, not a tensor")
+        if value is not None and (kind := _unusual_kind(value)) is not None:
+            raise DataError(f"{path}: the {what} are a {kind} tensor; save a plain dense tensor")
     return images, targets
 
 
@@ -306,28 +355,45 @@ def to_nchw(images: torch.Tensor, data: ImageData, where: str) -> torch.Tensor:
     )
 
 
+def _comparable(images: torch.Tensor) -> torch.Tensor:
+    """Images in a dtype that torch compares and reduces: 8-bit floats as float32, unsigned
+    16-, 32- and 64-bit integers as float64 (exact up to 2**53, enough to judge a scale)."""
+    if images.is_floating_point() and images.dtype.itemsize == 1:
+        return images.float()
+    if images.dtype in (torch.uint16, torch.uint32, torch.uint64):
+        return images.double()
+    return images
+
+
 def check_scale(images: torch.Tensor, scale: str, where: str) -> None:
-    """DataError when the values contradict the stated scale: uint8 needs integers in [0, 255],
-    unit floats in [0, 1], normalized floats with negative values and a mean within +-2."""
+    """DataError when the values contradict the stated scale: uint8 needs integers in [0, 255]
+    (of any integer or float dtype), unit floats in [0, 1], normalized floats with negative values
+    and a mean within +-2. 16-bit pixels are refused with the rule that scales them to 8 bits."""
     if images.dtype == torch.bool or images.is_complex():
         raise DataError(f"{where} holds {images.dtype} images; expected pixel values ({SCALE_HELP})")
     floating = images.is_floating_point()
-    if floating and not torch.isfinite(images).all():
+    values = _comparable(images)
+    if floating and not torch.isfinite(values).all():
         raise DataError(f"{where} holds non-finite pixel values")
-    lo, hi = float(images.min()), float(images.max())
-    seen = f"{images.dtype} values in [{lo:.4g}, {hi:.4g}]"
+    lo, hi = float(values.min()), float(values.max())
+    shown = f"{lo:.4g}, {hi:.4g}" if floating else f"{int(lo)}, {int(hi)}"
+    seen = f"{images.dtype} values in [{shown}]"
     if scale == "uint8":
-        integral = not floating or bool((images == images.round()).all())
+        integral = not floating or bool((values == values.round()).all())
         ok = integral and lo >= 0 and hi <= 255
         seen += "" if integral else ", not all integers"
     elif scale == "unit":
         ok = floating and lo >= 0 and hi <= 1
     else:
-        mean = float(images.float().mean())
+        mean = float(values.float().mean())
         ok = floating and lo < 0 and abs(mean) <= _MAX_NORMALIZED_MEAN
         seen += f", mean {mean:.3g}"
     if not ok:
-        raise DataError(f"{where} does not look like {scale} images ({seen}); {SCALE_HELP}")
+        sixteen_bit = scale == "uint8" and not floating and lo >= 0 and 255 < hi <= 65535
+        raise DataError(
+            f"{where} does not look like {scale} images ({seen}); "
+            + (_SIXTEEN_BIT_HELP if sixteen_bit else SCALE_HELP)
+        )
 
 
 def normalized(images: torch.Tensor, scale: str, data: ImageData) -> torch.Tensor:
@@ -349,16 +415,16 @@ def tensor_source(path: Path, scale: str, data: ImageData) -> Found:
 # ---------------------------------------------------------------- folders
 
 
+def _visible_image(parts: Parts, is_dir: bool) -> bool:
+    """Whether the walk lists a relative path: folders and image files, none of them hidden."""
+    return not parts[-1].startswith(".") and (is_dir or parts[-1].lower().endswith(IMAGE_SUFFIXES))
+
+
 def _image_files(root: Path) -> list[Path]:
-    """Visible image files under root (any depth), sorted by relative path."""
-    files = [
-        p
-        for p in root.rglob("*")
-        if p.suffix.lower() in IMAGE_SUFFIXES
-        and p.is_file()
-        and not any(part.startswith(".") for part in p.relative_to(root).parts)
-    ]
-    return sorted(files, key=lambda p: p.relative_to(root).as_posix())
+    """Visible image files under root (any depth, links as :func:`walk_tree` follows them), sorted
+    by relative path."""
+    files = [entry for entry in walk_tree(root, _visible_image) if not entry.is_dir and entry.path.is_file()]
+    return [entry.path for entry in sorted(files, key=lambda entry: "/".join(entry.parts))]
 
 
 def _decode(path: Path, channels: int) -> np.ndarray:

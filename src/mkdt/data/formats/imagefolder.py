@@ -4,7 +4,6 @@ tar and zip archives, read in one pass; without a test split 10% of every class 
 from __future__ import annotations
 
 import lzma
-import os
 import tarfile
 import zipfile
 import zlib
@@ -23,6 +22,7 @@ from mkdt.data.decode import (
     reason,
 )
 from mkdt.data.types import Splits
+from mkdt.data.walk import walk_tree
 from mkdt.errors import DataError
 from mkdt.runtime import progress
 
@@ -59,16 +59,16 @@ def _member_parts(name: str) -> _Parts | None:
     return parts
 
 
+def _wanted(parts: _Parts, is_dir: bool) -> bool:
+    """Whether the walk lists a relative path: visible folders and image files."""
+    return _visible(parts[-1]) if is_dir else _is_image(parts)
+
+
 def _dir_entries(root: Path) -> Iterator[_Entry]:
-    """Folders and image files under root, in sorted order."""
-    for folder, subdirs, files in os.walk(root, followlinks=True):
-        here = Path(folder).relative_to(root).parts
-        subdirs[:] = sorted(d for d in subdirs if _visible(d))
-        for subdir in subdirs:
-            yield (*here, subdir), None
-        for file in sorted(files):
-            if _is_image((*here, file)):
-                yield (*here, file), read_bytes(Path(folder, file))
+    """Folders and image files under root, in sorted order (links as :func:`walk_tree` follows
+    them)."""
+    for entry in walk_tree(root, _wanted):
+        yield entry.parts, None if entry.is_dir else read_bytes(entry.path)
 
 
 def _tar_entries(path: Path) -> Iterator[_Entry]:

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from mkdt.data.decode import PROGRESS_DELAY_S, arrays_to_splits, decode_resized, read_bytes, reason
+from mkdt.data.memory import check_memory
 from mkdt.data.types import Splits
 from mkdt.errors import DataError
 from mkdt.runtime import progress
@@ -82,6 +83,7 @@ def decode_listed(
     assert size is not None  # load_dataset passes the spec's resolution when none is asked
     if not train:
         raise DataError(f"the lists in {source} name no training images; {DAMAGED}")
+    check_memory(len(train) + len(test), 3, size, f"{name} at data.resolution={size}")
     decoded = [
         (decode_resized(read_bytes(path), str(path), size), label)
         for path, label in progress(
