@@ -10,15 +10,24 @@ mkdt export RUN --to DIR [--set mkdt|mtt_ssl|ext:NAME]         a set as PNG file
 mkdt config  [--preset NAME] [--config FILE] [key=value ...]   print the resolved config
 mkdt presets                                                   list the presets and what each reproduces
 mkdt datasets                                                  list the registered datasets
+
+Exit status: 0 done; 2 a user mistake (one line ``mkdt: error: ...`` on stderr, nothing changed);
+130 interrupted (Ctrl-C); 141 stdout closed before the command finished (e.g. ``mkdt run | head``:
+the command stops quietly, as a program killed by SIGPIPE would, and the same command resumes it).
+A ``~`` at the start of a path option is expanded also where the shell does not (``--out=~/run``).
 """
 
 from __future__ import annotations
 
 import argparse
+import codecs
 import functools
+import io
+import os
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from types import ModuleType
 
 from mkdt import __version__
@@ -32,13 +41,26 @@ from mkdt.config import (
     preset_names,
 )
 from mkdt.data import DATASETS
-from mkdt.errors import MkdtError
+from mkdt.errors import ConfigError, MkdtError
 from mkdt.external import exporter, importer
+from mkdt.files import check_writable_folder
 from mkdt.graph import STAGES, stage_keys
 from mkdt.pipeline import run_stages
 from mkdt.runtime import rank_and_world
 
 DEFAULT_PRESET = "demo"
+EXIT_USER_ERROR, EXIT_INTERRUPTED, EXIT_CLOSED_OUTPUT = 2, 130, 141
+PATH_OPTIONS = {
+    "out": "--out",
+    "to": "--to",
+    "config": "--config",
+    "run": "RUN",
+    "runs": "RUN",
+    "source": "SOURCE",
+}
+"""The arguments that name files or folders (attribute: how the user wrote it)."""
+WRITTEN_OPTIONS = ("out", "to")
+"""The path arguments that commands write into."""
 RUN_HELP = "run every stage in order, skipping finished ones (resumes an interrupted run)"
 ANALYSES: dict[str, ModuleType] = {
     "trajectories": trajectories,
@@ -237,7 +259,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="mkdt",
         description="Dataset distillation for self-supervised pre-training (MKDT).",
-        epilog="Run `mkdt COMMAND --help` for every option of a command.",
+        epilog="Run `mkdt COMMAND --help` for every option of a command. Exit status: 0 done; 2 a "
+        "mistake (one line `mkdt: error: ...`, nothing changed); 130 interrupted; 141 stdout closed "
+        "by its reader (e.g. `mkdt run | head`: stopped quietly, the same command resumes).",
     )
     parser.add_argument("--version", action="version", version=f"mkdt {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -268,17 +292,76 @@ def parse(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> argpar
     return args
 
 
+def checked_paths(args: argparse.Namespace) -> None:
+    """Expand ``~`` in every path argument of ``args`` (:data:`PATH_OPTIONS`; the shell leaves it in
+    ``--out=~/run``), refuse an empty one or an empty ``--preset`` (ConfigError: they would
+    silently mean the default), and check that the folders a command writes into
+    (:data:`WRITTEN_OPTIONS`) can be written (ArtifactError), before the command starts."""
+    if getattr(args, "preset", None) == "":
+        raise ConfigError("--preset is empty; name a preset (see `mkdt presets`) or leave the option out")
+    for attr, option in PATH_OPTIONS.items():
+        value = getattr(args, attr, None)
+        given = value if isinstance(value, list) else [value]
+        paths = [path for path in given if isinstance(path, str)]
+        if not paths or len(paths) < len(given):
+            continue  # not given, or not a path here (e.g. analyze variance's --runs count)
+        if "" in paths:
+            raise ConfigError(f"{option} is empty; give a path or leave the option out")
+        expanded = [os.path.expanduser(path) for path in paths]
+        setattr(args, attr, expanded if isinstance(value, list) else expanded[0])
+        if attr in WRITTEN_OPTIONS:
+            check_writable_folder(Path(expanded[0]), option)
+
+
+def _escape_unprintable(exc: UnicodeError) -> tuple[str | bytes, int]:
+    """The codec error handler of mkdt's output (``mkdt-output``): the lone surrogates that stand for
+    the bytes of a path that is not in the locale's encoding (PEP 383) are written as those bytes
+    again, any other character the encoding lacks as a backslash escape."""
+    if isinstance(exc, UnicodeEncodeError) and all(
+        "\udc80" <= c <= "\udcff" for c in exc.object[exc.start : exc.end]
+    ):
+        return codecs.lookup_error("surrogateescape")(exc)
+    return codecs.backslashreplace_errors(exc)
+
+
+def _tolerant_output() -> None:
+    """Let stdout and stderr print any text (:func:`_escape_unprintable`): a path that is not UTF-8,
+    non-ASCII text under the C locale."""
+    codecs.register_error("mkdt-output", _escape_unprintable)
+    for stream in (sys.stdout, sys.stderr):
+        if isinstance(stream, io.TextIOWrapper):
+            stream.reconfigure(errors="mkdt-output")
+
+
+def _silence_closed_output() -> None:
+    """After stdout was closed by its reader (a pipe): point stdout at /dev/null, so that the
+    interpreter's final flush does not fail again."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError):  # ValueError: stdout is not a file (captured in tests)
+        pass
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run one command; user mistakes print one line ``mkdt: error: ...`` and return 2."""
+    """Run one command and return its exit status (module docstring): user mistakes print one line
+    ``mkdt: error: ...`` and return 2."""
+    _tolerant_output()
     args = parse(build_parser(), argv)
     try:
+        checked_paths(args)
         args.handler(args)
+        sys.stdout.flush()  # here, where a closed stdout is caught, not at the interpreter's exit
     except MkdtError as exc:
         print(f"mkdt: error: {exc}", file=sys.stderr)
-        return 2
+        return EXIT_USER_ERROR
     except KeyboardInterrupt:
         print("mkdt: interrupted; run the same command again to resume", file=sys.stderr)
-        return 130
+        return EXIT_INTERRUPTED
+    except BrokenPipeError:
+        _silence_closed_output()
+        return EXIT_CLOSED_OUTPUT
     return 0
 
 

@@ -25,6 +25,7 @@ import io
 import json
 import os
 import re
+import secrets
 import shutil
 import socket
 import sys
@@ -89,6 +90,28 @@ def write_error(path: Path, exc: BaseException) -> ArtifactError:
     return ArtifactError(f"cannot write {path} ({text})")
 
 
+def check_writable_folder(path: Path, option: str) -> None:
+    """ArtifactError (one line naming ``option``, e.g. ``--out``) unless ``path`` is a folder this
+    process can write in or can make: a file at ``path`` or in the way of it, and a nearest existing
+    folder that cannot be written (permissions, a read-only file system) are refused. Writes
+    nothing."""
+    try:
+        if path.exists() and not path.is_dir():
+            raise ArtifactError(f"{option} {path} is a file, not a folder; choose another {option}")
+        nearest = next(p for p in (path, *path.parents) if p.exists())
+    except OSError as exc:
+        raise ArtifactError(f"cannot reach {path} ({exc.strerror}); choose another {option}") from None
+    if not nearest.is_dir():
+        raise ArtifactError(
+            f"cannot create {path}: {nearest} is a file, not a folder; choose another {option}"
+        )
+    if not os.access(nearest, os.W_OK | os.X_OK):
+        raise ArtifactError(
+            f"cannot write in {nearest} (no permission, or a read-only file system); "
+            f"choose a writable {option}"
+        )
+
+
 @contextmanager
 def atomic_path(path: Path) -> Iterator[Path]:
     """Yield a temporary path for ``path``; on success it replaces ``path`` in one rename.
@@ -117,6 +140,28 @@ def atomic_path(path: Path) -> Iterator[Path]:
         shutil.rmtree(folder, ignore_errors=True)
 
 
+def _orphaned(path: Path) -> bool:
+    """Whether ``path`` is named like a temporary file or folder of an mkdt process of this host
+    (``.<name>.<host>.<pid>.<random>.tmp``) whose process no longer exists."""
+    match = _TEMP.match(path.name)
+    if match is None or match["host"] != _HOST:
+        return False
+    try:
+        os.kill(int(match["pid"]), 0)
+    except ProcessLookupError:
+        return True
+    except (PermissionError, OverflowError):  # another user's process, or no process id
+        pass
+    return False
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
 def remove_orphaned_temp_files(folder: Path) -> int:
     """Remove the temporary files under ``folder`` left by killed mkdt processes of this host
     (their process no longer exists); returns how many were removed."""
@@ -124,26 +169,39 @@ def remove_orphaned_temp_files(folder: Path) -> int:
     if not folder.is_dir():
         return 0
     for path in folder.rglob(".*.tmp"):
-        match = _TEMP.match(path.name)
-        if match is None or match["host"] != _HOST:
-            continue
-        try:
-            os.kill(int(match["pid"]), 0)
-        except ProcessLookupError:
-            if path.is_dir():
-                shutil.rmtree(path, ignore_errors=True)
-            else:
-                path.unlink(missing_ok=True)
+        if _orphaned(path):
+            _remove(path)
             removed += 1
-        except (PermissionError, OverflowError):
-            continue
+    return removed
+
+
+def temp_sibling(path: Path) -> Path:
+    """A new name beside ``path`` for a temporary file or folder that becomes ``path`` when
+    complete (``.<name>.<host>.<pid>.<random>.tmp``): if the process is killed before, the next
+    :func:`remove_orphaned_siblings` of ``path`` (or :func:`remove_orphaned_temp_files` of its
+    folder) removes it."""
+    return path.parent / f".{path.name}.{_HOST}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
+
+
+def remove_orphaned_siblings(path: Path) -> int:
+    """Remove the temporary files and folders beside ``path`` (in its folder, not below) left by
+    killed mkdt processes of this host; returns how many were removed."""
+    removed = 0
+    if not path.parent.is_dir():
+        return 0
+    for sibling in path.parent.glob(".*.tmp"):
+        if _orphaned(sibling):
+            _remove(sibling)
+            removed += 1
     return removed
 
 
 def write_text(path: Path, text: str) -> None:
-    """``text`` written atomically to ``path``."""
+    """``text`` written atomically to ``path``, as UTF-8 whatever the locale; what UTF-8 cannot
+    encode (the lone surrogates that stand for the bytes of a path that is not UTF-8) is written
+    as a backslash escape."""
     with atomic_path(path) as tmp:
-        tmp.write_text(text)
+        tmp.write_text(text, encoding="utf-8", errors="backslashreplace")
 
 
 def write_json(path: Path, data: Any) -> None:
@@ -152,11 +210,12 @@ def write_json(path: Path, data: Any) -> None:
 
 
 def read_json(path: Path) -> Any:
-    """The JSON in ``path``; an unreadable file raises ArtifactError."""
+    """The JSON in ``path`` (UTF-8, whatever the locale); a file that cannot be read or is not JSON
+    (binary bytes, nesting too deep to parse) raises ArtifactError."""
     try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise ArtifactError(f"cannot read {path}: {exc}") from None
+        return json.loads(path.read_bytes())
+    except (OSError, ValueError, RecursionError) as exc:  # ValueError: bad JSON, bad UTF-8
+        raise ArtifactError(f"cannot read {path}: {' '.join(str(exc).split())}") from None
 
 
 def save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, Any]) -> None:
@@ -286,9 +345,11 @@ class Tee(io.TextIOBase):
 
 @contextmanager
 def logged_to(path: Path) -> Iterator[None]:
-    """Inside the block, what is printed to stdout and stderr is also appended to ``path``."""
+    """Inside the block, what is printed to stdout and stderr is also appended to ``path``, as UTF-8
+    whatever the locale; what UTF-8 cannot encode (the lone surrogates that stand for the bytes of
+    a path that is not UTF-8) is written as a backslash escape."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a", encoding="utf-8") as log:
+    with open(path, "a", encoding="utf-8", errors="backslashreplace") as log:
         out, err = sys.stdout, sys.stderr
         sys.stdout, sys.stderr = Tee(out, log), Tee(err, log)
         try:

@@ -1,6 +1,7 @@
 """The trajectory and replay analyses on a tiny finished run (digits, tiny networks)."""
 
 import json
+import re
 import shutil
 
 import pytest
@@ -83,6 +84,28 @@ def test_window_share_and_verdict_from_known_accuracies():
     text = trajectories.verdict(summary, window)
     assert "holds 5% of the full-data gain" in text and "lengthen the window" in text
     assert "lengthen" not in trajectories.verdict({**summary, "window_share": 0.5}, window)
+
+
+@pytest.mark.parametrize(
+    "window_end, full, words, cell",
+    [
+        (28, 51.0, "holds none of the full-data gain (at its end the experts probe worse", "< 0 (loses)"),
+        (71, 51.0, "holds all of the full-data gain (at its end the experts probe better", "> 100%"),
+        (41, 31.0, "full-data pre-training does not beat the experts' random inits", "n/a"),
+    ],
+)
+def test_a_window_share_outside_0_1_is_said_in_words(window_end, full, words, cell):
+    """A window whose end probes worse than epoch 0 (or better than the full data) gets no "-183%"
+    (or "250%"): the verdict, the table and the warning say so in words."""
+    rows = [
+        {"expert": 0, "epoch": e, "task": "t", "label_fraction": 0.1, "accuracy": acc}
+        for e, acc in ((0, 31.0), (1, float(window_end)))
+    ]
+    window = downstream.Window(end_epoch=1, steps_per_epoch=10)
+    summary = trajectories.summarise(rows, {("t", 0.1): full}, window)
+    text = trajectories.verdict(summary, window) + trajectories.table(summary, window, "x")
+    assert words in text and f"| {cell} |" in text
+    assert all(0 <= int(p) <= 100 for p in re.findall(r"(-?\d+)%", text))  # no "-183%", no "250%"
 
 
 def test_trajectories_probe_the_saved_experts_and_reuse_the_evaluations_full_run(run, tmp_path):

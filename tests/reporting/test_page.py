@@ -1,6 +1,6 @@
 """``mkdt report``: the page of a real tiny run (digits), of several runs, of unfinished runs, and
-its refusal of a folder that is not a run; the page loaded in headless Chromium when one is
-installed (``apt-get install chromium``)."""
+its refusal of a folder that is not a run or of damaged inputs; what a run is read from its stage
+records; the page loaded in headless Chromium when one is installed (``apt-get install chromium``)."""
 
 import base64
 import json
@@ -11,8 +11,10 @@ from html.parser import HTMLParser
 from pathlib import Path
 
 import pytest
+import torch
 
 from mkdt.cli import main
+from mkdt.errors import ArtifactError
 from mkdt.graph import STAGES
 from mkdt.pipeline import run_stages
 from mkdt.reporting import build_report
@@ -138,3 +140,69 @@ def test_the_page_loads_in_a_headless_browser(report, tmp_path):
     probe.unlink()
     assert dom.count("<table") == 3 and dom.count("<img") == len(FIGURES)
     assert f'data-decoded="{len(FIGURES)}"' in dom
+
+
+def _drawn(monkeypatch, run: Path, out: Path) -> dict[str, object]:
+    """The initial images and their panel title that the report of ``run`` draws, and the class
+    counts of its histogram."""
+    from mkdt.reporting import figures
+
+    drawn: dict[str, object] = {}
+
+    def comparison(initial, distilled, path, titles):
+        drawn.update(initial=initial, title=titles[0])
+        path.write_bytes(b"")
+
+    def histogram(counts, classes, path, title):
+        drawn["counts"] = counts
+        path.write_bytes(b"")
+
+    monkeypatch.setattr(figures, "image_comparison", comparison)
+    monkeypatch.setattr(figures, "class_histogram", histogram)
+    build_report([run], out)
+    return drawn
+
+
+def test_the_run_is_read_from_its_stage_records_not_from_config_yaml(run, tmp_path, monkeypatch):
+    """A config.yaml that a later command or a hand edit changed (another init subset, seed, pool)
+    does not change which images the report draws beside the distilled set."""
+    import yaml
+
+    edited = tmp_path / "edited"
+    shutil.copytree(run, edited)
+    config = yaml.safe_load((edited / "config.yaml").read_text())
+    config["distill"]["init"], config["seed"], config["data"]["pool_size"] = "random", 7, 500
+    (edited / "config.yaml").write_text(yaml.safe_dump(config))
+    original = _drawn(monkeypatch, run, tmp_path / "a")
+    again = _drawn(monkeypatch, edited, tmp_path / "b")
+    assert original["title"] == again["title"] == "initial (high_loss subset of D_real)"
+    assert torch.equal(original["initial"], again["initial"])
+    assert original["counts"] == again["counts"] and "high_loss subset (distilled)" in again["counts"]
+
+
+def test_an_init_redone_after_distilling_is_not_drawn_beside_the_distilled_set(run, tmp_path):
+    redone = tmp_path / "redone"
+    shutil.copytree(run, redone)
+    record = json.loads((redone / "init" / "stage.json").read_text())
+    record["defining"]["init"]["images"] += 1
+    (redone / "init" / "stage.json").write_text(json.dumps(record))
+    text = (build_report([redone], tmp_path / "report") / "report.md").read_text()
+    assert "initial images skipped: the init stage was redone after distilling" in text
+    assert "(redone/grid.png)" in text and "(redone/classes.png)" in text
+
+
+@pytest.mark.parametrize(
+    "rel, data, fragment",
+    [
+        ("results.json", "[1]", "does not hold result records"),
+        ("config.yaml", "- a list\n", "is not an mkdt config"),
+        ("evaluate/stage.json", "{}", "is not a stage record"),
+    ],
+)
+def test_damaged_inputs_are_refused_before_anything_is_written(run, tmp_path, rel, data, fragment):
+    damaged = tmp_path / "damaged"
+    shutil.copytree(run, damaged)
+    (damaged / rel).write_text(data)
+    with pytest.raises(ArtifactError, match=fragment):
+        build_report([run, damaged], tmp_path / "report")
+    assert not (tmp_path / "report").exists()

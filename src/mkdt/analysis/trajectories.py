@@ -15,7 +15,9 @@ of D_real for ``evaluate.epochs`` epochs at ``evaluate.lr``), read from ``result
 evaluate stage has run, else pre-trained here for evaluation seed 0 exactly as evaluate would.
 
 The verdict: window share = (acc(window end) - acc(0)) / (acc(full) - acc(0)), each a mean over
-the chosen experts and then over tasks and label fractions. Below :data:`LOW_SHARE` the window
+the chosen experts and then over tasks and label fractions; a share outside [0, 1] (the window's
+end probes worse than epoch 0, or better than the full data) is said in words, not as a
+percentage (:func:`share_words`). Below :data:`LOW_SHARE` the window
 holds too little of the gain for distillation to show an effect; docs/method.md ("Choosing the
 window") says which keys to change. ``mkdt run`` checks this before distilling
 (:func:`check_window`).
@@ -130,6 +132,39 @@ def summarise(
     return {"curves": curves, "window_share": _mean(finite) if finite else float("nan")}
 
 
+def share_words(share: float) -> str:
+    """How much of the full-data gain a window share is, in words where a percentage would mislead:
+    "no" without a full-data gain to share (nan), "none" when the window's end probes worse than
+    epoch 0 (a share below 0), "all" when it gains more than the full data (above 1), else the
+    percentage ("40% of the")."""
+    if share != share:
+        return "no"
+    if share < 0:
+        return "none of the"
+    if share > 1:
+        return "all of the"
+    return f"{100 * share:.0f}% of the"
+
+
+def _share_cell(share: float) -> str:
+    """A table cell of a window share: "n/a" (no full-data gain), "< 0" (the window loses
+    accuracy), "> 100%" (it gains more than the full data) or the percentage."""
+    if share != share:
+        return "n/a"
+    if share < 0:
+        return "< 0 (loses)"
+    return "> 100%" if share > 1 else f"{100 * share:.0f}%"
+
+
+def _share_reason(share: float) -> str:
+    """Why a share outside [0, 1] is reported in words ("" inside)."""
+    if share < 0:
+        return " (at its end the experts probe worse than at their random inits)"
+    if share > 1:
+        return " (at its end the experts probe better than full-data pre-training)"
+    return ""
+
+
 def verdict(summary: dict[str, Any], window: Window) -> str:
     """One line: how much of the full-data gain the window holds, and whether that is enough."""
     share = summary["window_share"]
@@ -147,7 +182,7 @@ def verdict(summary: dict[str, Any], window: Window) -> str:
             f"pre-training set can, and distillation cannot show an effect; {where} gains "
             + ", ".join(f"{c['window_gain']:+.1f}" for c in summary["curves"])
         )
-    text = f"{where} holds {100 * share:.0f}% of the full-data gain: {gains}"
+    text = f"{where} holds {share_words(share)} full-data gain{_share_reason(share)}: {gains}"
     if share < LOW_SHARE:
         text += (
             f"; below {100 * LOW_SHARE:.0f}% a matched set cannot beat no pre-training by much: lengthen the "
@@ -170,7 +205,7 @@ def table(summary: dict[str, Any], window: Window, full_note: str) -> str:
     ]
     for c in summary["curves"]:
         cells = [f"{c['accuracy'][e]:.2f}" for e in epochs]
-        share = "n/a" if c["window_share"] != c["window_share"] else f"{100 * c['window_share']:.0f}%"
+        share = _share_cell(c["window_share"])
         lines.append(
             f"| {c['task']} | {100 * c['label_fraction']:g}% | "
             + " | ".join(cells)
@@ -300,10 +335,9 @@ def check_window(config: Config, store: RunDir, real: RealData, runtime: Runtime
     share = record["window_share"]
     if share >= LOW_SHARE:
         return None
-    held = "no" if share != share else f"{100 * share:.0f}% of the"  # nan: no gain to share
     warning = (
-        f"mkdt: warning: the matched window holds {held} full-data gain, so MKDT cannot beat no "
-        f"pre-training by much here; see {store.analysis_path('window', 'md')} and docs/method.md §8"
+        f"mkdt: warning: the matched window holds {share_words(share)} full-data gain, so MKDT cannot "
+        f"beat no pre-training by much here; see {store.analysis_path('window', 'md')} and docs/method.md §8"
     )
     print(warning, file=sys.stderr)
     return warning

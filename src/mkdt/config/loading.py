@@ -5,7 +5,9 @@ A preset (``mkdt/config/presets/NAME.yaml``) holds only what differs from the de
 comment line says what it is. A preset may build on another with a top-level ``base: OTHER``: OTHER
 (and its own bases) is merged first, then the preset over it; an unknown base or a cycle of bases
 raises :class:`ConfigError`. Unknown keys (with a did-you-mean hint, and where a key moved, its new
-name) and values of the wrong type raise :class:`ConfigError` before any compute starts.
+name), a key given twice in one mapping of a YAML file or override (naming the key and its lines),
+a file that is not UTF-8 text, YAML nested too deeply to parse and values of the wrong type raise
+:class:`ConfigError` before any compute starts.
 """
 
 from __future__ import annotations
@@ -43,7 +45,7 @@ def preset_description(name: str) -> str:
 def _preset_text(name: str) -> str:
     if name not in preset_names():
         raise ConfigError(f"unknown preset {name!r}; available: {', '.join(preset_names())}")
-    return (resources.files("mkdt.config") / "presets" / f"{name}.yaml").read_text()
+    return (resources.files("mkdt.config") / "presets" / f"{name}.yaml").read_text(encoding="utf-8")
 
 
 def _preset_layers(name: str, chain: tuple[str, ...] = ()) -> list[dict[str, Any]]:
@@ -72,16 +74,33 @@ def load_config(
     for layer in _preset_layers(preset) if preset else ():
         _merge(merged, layer, "")
     if config_file:
-        path = Path(config_file).expanduser()
-        if not path.is_file():
-            raise ConfigError(f"config file not found: {config_file}")
-        _merge(merged, _parse_yaml(path.read_text(), str(path)), "")
+        _merge(merged, _parse_yaml(_read_config_file(config_file), config_file), "")
     for item in overrides:
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise ConfigError(f"override {item!r} is not of the form key=value (e.g. experts.lr=0.05)")
-        _merge(merged, _nest(key.strip(), yaml.safe_load(value) if value else None), "")
+        _merge(
+            merged,
+            _nest(key.strip(), _load_yaml(value, f"the value of override {key.strip()}") if value else None),
+            "",
+        )
     return config_from_dict(merged).validate()
+
+
+def _read_config_file(name: str) -> str:
+    """The text of the ``--config`` file ``name``; ConfigError when it is missing, unreadable or
+    not UTF-8 text."""
+    path = Path(name).expanduser()
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {name}")
+    try:
+        return path.read_bytes().decode("utf-8")
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {name} ({exc.strerror})") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(
+            f"config file {name} is not UTF-8 text (byte {exc.start}); give a YAML file of config keys"
+        ) from None
 
 
 def config_from_dict(data: dict[str, Any]) -> Config:
@@ -99,11 +118,51 @@ def dump_config(config: Config) -> str:
     return yaml.safe_dump(config_to_dict(config), sort_keys=False)
 
 
-def _parse_yaml(text: str, where: str) -> dict[str, Any]:
+class DuplicateKeyError(yaml.YAMLError):
+    """A mapping of a YAML text gives one key twice."""
+
+
+class UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, except that a mapping that gives a key twice raises
+    :class:`DuplicateKeyError` naming the key and both lines (plain YAML keeps the last value
+    silently). Keys merged in with ``<<`` may still be overridden."""
+
+    def construct_mapping(self, node: yaml.Node, deep: bool = False) -> dict[Any, Any]:
+        if isinstance(node, yaml.MappingNode):
+            lines: dict[Any, int] = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key, line = self.construct_object(key_node, deep=deep), key_node.start_mark.line + 1
+                try:
+                    first = lines.get(key)
+                except TypeError:  # an unhashable key: the safe loader refuses it below
+                    continue
+                if first is not None:
+                    raise DuplicateKeyError(
+                        f"key {key!r} is given twice (lines {first} and {line}); keep one"
+                    )
+                lines[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+
+def _load_yaml(text: str, where: str) -> Any:
+    """The value of a YAML text (:class:`UniqueKeyLoader`); ConfigError naming ``where`` when it
+    is not valid YAML, gives a key twice or is nested too deeply to parse."""
     try:
-        data = yaml.safe_load(text) or {}
+        return yaml.load(text, Loader=UniqueKeyLoader)  # a SafeLoader: builds plain values only
+    except DuplicateKeyError as exc:
+        raise ConfigError(f"{where}: {exc}") from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"{where} is not valid YAML: {str(exc).splitlines()[0]}") from None
+    except RecursionError:
+        raise ConfigError(
+            f"{where} is nested too deeply to read; config keys are a few levels deep"
+        ) from None
+
+
+def _parse_yaml(text: str, where: str) -> dict[str, Any]:
+    data = _load_yaml(text, where) or {}
     if not isinstance(data, dict):
         raise ConfigError(f"{where} must be a mapping of config keys")
     return data

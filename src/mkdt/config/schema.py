@@ -99,6 +99,15 @@ def check_task(entry: str) -> None:
     )
 
 
+def check_distinct(values: list[Any], key: str) -> None:
+    """Raise ConfigError naming the first value that the list ``key`` gives more than once (each
+    entry is work done and records written, so a repeat would do it twice)."""
+    seen: set[Any] = set()
+    for value in values:
+        check(value not in seen, key, f"{value!r} is listed twice; list each once")
+        seen.add(value)
+
+
 def _one_of(value: str, allowed: tuple[str, ...], key: str) -> None:
     check(value in allowed, key, f"must be {' or '.join([', '.join(allowed[:-1]), allowed[-1]])}")
 
@@ -398,12 +407,13 @@ class DistillConfig:
         _momentum(self.momentum, "distill.momentum")
         bad = [it for it in self.snapshots if not 1 <= it <= self.iterations]
         check(not bad, "distill.snapshots", f"iterations {bad} are outside [1, distill.iterations]")
+        check_distinct(self.snapshots, "distill.snapshots")
+        check_distinct(self.variants, "distill.variants")
         check(
-            set(self.variants) <= set(INIT_METHODS) - {self.init}
-            and len(set(self.variants)) == len(self.variants),
+            set(self.variants) <= set(INIT_METHODS) - {self.init},
             "distill.variants",
             f"{self.variants}: each must be an init subset ({', '.join(INIT_METHODS)}) other than "
-            f"distill.init ({self.init}), listed once",
+            f"distill.init ({self.init})",
         )
 
 
@@ -491,14 +501,17 @@ class EvaluateConfig:
             "evaluate.methods",
             f"{bad or 'empty'}: choose from {METHOD_CHOICES}",
         )
+        check_distinct(self.methods, "evaluate.methods")
         check(
             bool(self.label_fractions) and all(0 < f <= 1 for f in self.label_fractions),
             "evaluate.label_fractions",
             "must be a non-empty list of numbers in (0, 1]",
         )
+        check_distinct(self.label_fractions, "evaluate.label_fractions")
         check(self.tasks is None or len(self.tasks) > 0, "evaluate.tasks", "must be null or non-empty")
         for entry in self.tasks or ():
             check_task(entry)
+        check_distinct([parse_task(entry)[0] for entry in self.tasks or ()], "evaluate.tasks")
         _one_of(self.missing_tasks, MISSING_TASKS, "evaluate.missing_tasks")
         _at_least(self, "evaluate", ("seeds", "epochs", "batch_size", "probe_max_iter"))
         check(
@@ -509,8 +522,9 @@ class EvaluateConfig:
         if self.model is not None:
             self.model.validate("evaluate.model")
         bad_protocols = sorted(set(self.protocols) - set(PROTOCOLS))
+        check_distinct(self.protocols, "evaluate.protocols")
         check(
-            bool(self.protocols) and not bad_protocols and len(set(self.protocols)) == len(self.protocols),
+            bool(self.protocols) and not bad_protocols,
             "evaluate.protocols",
             f"{bad_protocols or self.protocols or 'empty'}: must be a non-empty list of distinct protocols "
             f"from {', '.join(PROTOCOLS)}",

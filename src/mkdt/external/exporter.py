@@ -10,15 +10,16 @@ labels)::
 ``targets.safetensors`` also holds, in its ``mkdt`` metadata, the run, the set, its lr, the
 ``mean``/``std`` and how many pixels were clipped to [0, 1]. ``mkdt import NAME DIR --out RUN``
 reads the folder back (with its targets): the normalised images equal the exported ones after
-rounding to uint8, within half a grey level. DIR is written to a hidden folder beside it and renamed
-into place when complete; an existing non-empty DIR is refused.
+rounding to uint8, within half a grey level. DIR is written to a hidden folder beside it
+(``.DIR.<host>.<pid>.<random>.tmp``) and renamed into place when complete; the hidden folders that
+killed exports left beside DIR are removed by the next export there. An existing non-empty DIR, or
+one that cannot be written, is refused before anything is written.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import secrets
 import shutil
 from pathlib import Path
 from typing import Any
@@ -27,7 +28,15 @@ import torch
 from PIL import Image
 
 from mkdt.errors import ArtifactError, ConfigError
-from mkdt.files import load_tensors, save_tensors, write_error, write_text
+from mkdt.files import (
+    check_writable_folder,
+    load_tensors,
+    remove_orphaned_siblings,
+    save_tensors,
+    temp_sibling,
+    write_error,
+    write_text,
+)
 from mkdt.methods import is_method, parse_method
 from mkdt.store import RunDir
 
@@ -101,8 +110,9 @@ def export_set(run: str | Path, to: str | Path, name: str = "mkdt") -> int:
         raise ArtifactError(
             f"{set_path(store, name)} has no mean/std in its metadata; it cannot be mapped to pixels"
         )
-    if target.exists() and (not target.is_dir() or any(target.iterdir())):
+    if target.is_dir() and any(target.iterdir()):
         raise ConfigError(f"--to {target} exists and is not an empty folder; choose a new folder")
+    check_writable_folder(target, "--to")
     pixels, clipped = to_pixels(tensors["images"], meta["mean"], meta["std"])
     info = {
         "run": str(store.path.resolve()),
@@ -118,8 +128,10 @@ def export_set(run: str | Path, to: str | Path, name: str = "mkdt") -> int:
 
 
 def _write_folder(target: Path, pixels: torch.Tensor, targets: torch.Tensor, info: dict[str, Any]) -> None:
-    """The folder's files, written to a hidden sibling folder and renamed to ``target`` at the end."""
-    tmp = target.parent / f".{target.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
+    """The folder's files, written to a hidden sibling folder and renamed to ``target`` at the end
+    (after removing the hidden folders of killed exports beside it)."""
+    remove_orphaned_siblings(target)
+    tmp = temp_sibling(target)
     try:
         (tmp / "images").mkdir(parents=True)
         width = max(6, len(str(len(pixels) - 1)))

@@ -11,8 +11,10 @@ images embedded) and, per run, ``DIR/<name>/*.png`` (``name``: the run folder's 
   and pixel-change curves of distill/history.csv; the class histogram of the init subsets (labels
   of D_real); the tables and plots of RUN/analysis/; the stages' times.
 
-A part whose inputs are missing is replaced by a note; a path that is not a run directory raises
-ArtifactError before anything is written.
+What each run is comes from its stage records, not from its ``config.yaml``
+(:mod:`mkdt.reporting.runs`). A part whose inputs are missing is replaced by a note; a path that is
+not a run directory, a damaged stage record, ``results.json`` or ``config.yaml``, and an ``--out``
+that cannot be written raise ArtifactError before anything is written.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from mkdt.errors import ArtifactError
-from mkdt.files import write_text
+from mkdt.files import check_writable_folder, write_error, write_text
 from mkdt.reporting.html import page
 from mkdt.reporting.runs import RunReport, note
 from mkdt.results import results_table
@@ -57,14 +59,14 @@ def unique_names(stores: Sequence[RunDir]) -> list[str]:
     return names
 
 
-def combined_table(stores: Sequence[RunDir], names: Sequence[str]) -> list[str]:
+def combined_table(sections: Sequence[RunReport]) -> list[str]:
     """The markdown lines of the results table of every run with results.json (columns "task
     (run)" when there are several runs), or a note when none has results."""
     records: list[dict[str, Any]] = []
-    for store, name in zip(stores, names, strict=True):
-        if store.results_path.is_file():
-            found = store.load_results()
-            records += [{**r, "task": f"{r['task']} ({name})"} for r in found] if len(stores) > 1 else found
+    for section in sections:
+        if (found := section.results_records) is not None:
+            several = len(sections) > 1
+            records += [{**r, "task": f"{r['task']} ({section.name})"} for r in found] if several else found
     if not records:
         return [note("no run has results yet (results.json is written by `mkdt evaluate`)")]
     caption = (
@@ -77,15 +79,20 @@ def combined_table(stores: Sequence[RunDir], names: Sequence[str]) -> list[str]:
 
 def build_report(runs: Sequence[str | Path], out: str | Path) -> Path:
     """Write the report of the run directories ``runs`` into the folder ``out`` (see the module
-    docstring); returns ``out``. Every path is checked to be a run directory first."""
+    docstring); returns ``out``. Every path is checked to be a run directory with readable records
+    and results, and ``out`` to be writable, before anything is written."""
     stores = [open_run(path) for path in runs]
-    names = unique_names(stores)
+    sections = [RunReport(store, name) for store, name in zip(stores, unique_names(stores), strict=True)]
     folder = Path(out).expanduser()
-    folder.mkdir(parents=True, exist_ok=True)
+    check_writable_folder(folder, "--out")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise write_error(folder / "report.md", exc) from None
     lines = [f"# {TITLE}", "", f"Runs: {', '.join(f'`{s.path}`' for s in stores)}", "", "## Results", ""]
-    lines += [*combined_table(stores, names), ""]
-    for store, name in zip(stores, names, strict=True):
-        lines += RunReport(store, name, folder).markdown()
+    lines += [*combined_table(sections), ""]
+    for section in sections:
+        lines += section.markdown(folder)
     markdown = "\n".join(lines).rstrip("\n") + "\n"
     write_text(folder / "report.md", markdown)
     write_text(folder / "index.html", page(markdown, folder, TITLE))

@@ -1,23 +1,37 @@
 """One run directory's section of the report: its figures, written to ``DIR/<name>/``, and its
-markdown. Each part reads only what it shows, and a part whose inputs are missing (a stage not run
-yet, a run made before ``distill/history.csv`` existed, D_real not found from here) becomes a note
-on the page instead of an error."""
+markdown.
+
+What the run is comes from the records of its finished stages (``OUT/<stage>/stage.json``, each
+holding the definition its artifacts were made with), never from ``config.yaml``, which a later
+command or a hand edit may have changed: the init subset a distilled set started from is the one
+in the distill stage's record, D_real (its dataset, resolution, pool and seed) the one in the
+record of the stage whose artifact is drawn. Only where D_real's files lie (``data.root``,
+``data.cache_dir``, which do not change the images) is read from ``config.yaml``.
+
+The inputs are read and checked when a section is made (:class:`RunReport`), before anything is
+written: a damaged stage record, ``results.json`` or ``config.yaml`` raises ArtifactError naming the
+file and how to redo it. Each part then reads only what it shows, and a part whose inputs are
+missing (a stage not run yet, a run made before ``distill/history.csv`` existed, D_real not found
+from here) becomes a note on the page instead of an error."""
 
 from __future__ import annotations
 
-import functools
+import json
+import math
 import shutil
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 import yaml
 
-from mkdt.config import Config, config_from_dict
+from mkdt.config import DataConfig
 from mkdt.data import ImageData
 from mkdt.data.real import load_real
-from mkdt.errors import ArtifactError, ConfigError, MkdtError
-from mkdt.files import load_tensors
+from mkdt.data.registry import source_identity
+from mkdt.errors import ArtifactError, MkdtError
+from mkdt.files import load_tensors, write_error
 from mkdt.graph import STAGES
 from mkdt.methods import INIT_METHODS
 from mkdt.reporting import figures
@@ -25,6 +39,8 @@ from mkdt.results import mkdt_margins
 from mkdt.store import RunDir
 
 Part = Callable[[], list[str]]
+Record = dict[str, Any]
+LOCATION_KEYS = ("name", "root", "cache_dir")  # of config.yaml's data section: where D_real's files lie
 
 
 def note(text: str) -> str:
@@ -36,17 +52,105 @@ def _one_line(text: str) -> str:
     return " ".join(text.split())
 
 
+def _read_text(path: Path) -> str:
+    """A text file of the run, as UTF-8 whatever the locale (bytes that are not UTF-8 replaced)."""
+    return path.read_bytes().decode("utf-8", errors="replace")
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def read_records(store: RunDir) -> dict[str, Record]:
+    """The records of the run's finished stages; ArtifactError, with the command that redoes the
+    stage, for a record that cannot be read or lacks what a stage record holds (its definition,
+    result, time and end)."""
+    records = {}
+    for stage in STAGES:
+        record = store.record(stage)
+        if record is None:
+            continue
+        if not (
+            isinstance(record, dict)
+            and isinstance(record.get("defining"), dict)
+            and isinstance(record.get("result"), dict)
+            and _number(record.get("seconds"))
+            and isinstance(record.get("finished"), str)
+        ):
+            raise ArtifactError(
+                f"the {stage} stage's record in {store.path} is not a stage record (stage.json lacks its "
+                f"definition, result or time); redo the stage with `mkdt {stage} --force --out {store.path}`"
+            )
+        records[stage] = record
+    return records
+
+
+def _is_result(record: Any) -> bool:
+    """Whether ``record`` has what the report reads of a result record (:mod:`mkdt.results`)."""
+    return (
+        isinstance(record, dict)
+        and isinstance(record.get("method"), str)
+        and isinstance(record.get("task"), str)
+        and isinstance(record.get("protocol", "probe"), str)
+        and _number(record.get("label_fraction"))
+        and (record.get("mean") is None or (_number(record["mean"]) and _number(record.get("std"))))
+        and isinstance(record.get("diverged_seeds", []), list)
+    )
+
+
+def read_results(store: RunDir) -> list[Record] | None:
+    """The records of ``results.json``, None without one; ArtifactError, with the command that
+    redoes it, when it cannot be read or is not a list of result records."""
+    if not store.results_path.is_file():
+        return None
+    records = store.load_results()
+    if not isinstance(records, list) or not all(map(_is_result, records)):
+        raise ArtifactError(
+            f"{store.results_path} does not hold result records; redo it with "
+            f"`mkdt evaluate --repair --out {store.path}` (--force if that finds nothing to repair)"
+        )
+    return records
+
+
+def data_location(store: RunDir) -> dict[str, Any]:
+    """``data.name``, ``data.root`` and ``data.cache_dir`` of the run's ``config.yaml`` ({} without
+    one): where the last command found D_real's files; ArtifactError when it cannot be read."""
+    path = store.config_path
+    if not path.is_file():
+        return {}
+    fix = "restore it, or delete it to look for D_real at the default places"
+    try:
+        config = yaml.safe_load(path.read_bytes().decode("utf-8"))
+    except (OSError, ValueError, yaml.YAMLError, RecursionError) as exc:  # ValueError: not UTF-8
+        raise ArtifactError(f"cannot read {path} ({_one_line(str(exc))}); {fix}") from None
+    data = config.get("data") if isinstance(config, dict) else None
+    if not isinstance(data, dict) or not all(
+        isinstance(data.get(k), (str, type(None))) for k in LOCATION_KEYS
+    ):
+        raise ArtifactError(f"{path} is not an mkdt config (no data section naming the data's files); {fix}")
+    return {key: data.get(key) for key in LOCATION_KEYS}
+
+
 class RunReport:
-    """The section of one run directory ``store``, named ``name``; its files go to ``out/name``
-    and its markdown refers to them relative to ``out``."""
+    """The section of one run directory ``store``, named ``name``. Making it reads and checks the
+    run's inputs (stage records, results, where D_real lies); :meth:`markdown` writes its files to
+    ``out/name`` and refers to them relative to ``out``."""
 
-    def __init__(self, store: RunDir, name: str, out: Path) -> None:
+    def __init__(self, store: RunDir, name: str) -> None:
         self.store, self.name = store, name
-        self.folder = out / name
+        self.records = read_records(store)
+        self.results_records = read_results(store)
+        self.location = data_location(store)
+        self._real: dict[str, ImageData] = {}
+        self.folder = Path()
 
-    def markdown(self) -> list[str]:
-        """The section's markdown lines (headed ``## name``); writes its figures."""
-        self.folder.mkdir(parents=True, exist_ok=True)
+    def markdown(self, out: Path) -> list[str]:
+        """The section's markdown lines (headed ``## name``); writes its figures to ``out/name``."""
+        self.folder = out / self.name
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise write_error(self.folder / "accuracy.png", exc) from None
         lines = [f"## {self.name}", "", f"Run directory: `{self.store.path}`", ""]
         parts: list[tuple[str, Part]] = [
             ("Results", self.results),
@@ -59,7 +163,7 @@ class RunReport:
             lines += [f"### {title}", ""]
             try:
                 lines += part()
-            except (MkdtError, OSError, KeyError, ValueError) as exc:  # KeyError: a record of an older mkdt
+            except (MkdtError, OSError, KeyError, TypeError, ValueError) as exc:  # an older or edited record
                 why = str(exc) if isinstance(exc, MkdtError) else f"{type(exc).__name__}: {exc}"
                 lines.append(note(f"{title.lower()} skipped: {_one_line(why)}"))
             lines.append("")
@@ -67,21 +171,47 @@ class RunReport:
 
     # ------------------------------------------------------------ inputs
 
-    @functools.cached_property
-    def config(self) -> Config:
-        """The run's config (``config.yaml``, the last command's), not validated against this
-        machine (a CUDA run is reported on a CPU-only machine)."""
-        path = self.store.config_path
-        try:
-            return config_from_dict(yaml.safe_load(path.read_text()))
-        except (OSError, yaml.YAMLError) as exc:
-            raise ConfigError(f"cannot read {path}: {exc}") from None
+    def real(self, stage: str) -> ImageData:
+        """D_real as the finished stage ``stage`` read it (dataset, resolution, pool and seed of its
+        record), on the CPU; its files are looked for where config.yaml says (a relative path from
+        the current folder, as the stages did) when it names the same dataset, else at the default
+        places. ArtifactError when the images of a dataset given by a path changed since."""
+        definition = self.records[stage]["defining"]
+        data, seed = definition["data"], definition["seed"]
+        key = json.dumps([data, seed], sort_keys=True)
+        if key not in self._real:
+            self._real[key] = load_real(self._data_config(data), seed, torch.device("cpu")).data
+        return self._real[key]
 
-    @functools.cached_property
-    def real(self) -> ImageData:
-        """D_real of the run's config, on the CPU (a relative ``data.root`` is read from the
-        current folder, as the stages did)."""
-        return load_real(self.config.data, self.config.seed, torch.device("cpu")).data
+    def _data_config(self, data: dict[str, Any]) -> DataConfig:
+        """The data section that finds the images a record's ``data`` definition names."""
+        source = data.get("source")
+        here = self.location
+        root = source["path"] if source else (here.get("root") if here.get("name") == data["name"] else None)
+        config = DataConfig(
+            name="imagefolder" if source else data["name"],
+            root=root,
+            cache_dir=here.get("cache_dir"),
+            resolution=data.get("resolution"),
+            pool_size=data.get("pool_size"),
+        )
+        if source and source_identity(config.name, config.root) != source:
+            raise ArtifactError(f"the images in {root} changed since the run (their names or sizes)")
+        return config
+
+    def distilled_from(self) -> str:
+        """The init subset the finished distill stage started from (its record), checked to be the
+        subset of the finished init stage's artifacts; ArtifactError otherwise."""
+        distill, init = self.records.get("distill"), self.records.get("init")
+        if distill is None:
+            raise ArtifactError("the distill stage has not finished: its record names the init subset")
+        if init is None or any(distill["defining"].get(k) != v for k, v in init["defining"].items()):
+            raise ArtifactError(
+                "the init stage was redone after distilling: its subsets are not the ones used"
+            )
+        self.store.verified("init")
+        subset: str = distill["defining"]["distill"]["init"]
+        return subset
 
     def image(self, name: str, caption: str) -> str:
         """The markdown image line of ``out/<run>/name``."""
@@ -92,12 +222,12 @@ class RunReport:
     def results(self) -> list[str]:
         """The caption of results.md, MKDT's margins and the accuracy bars (the table itself is in
         the report's combined table)."""
-        if not self.store.results_path.is_file():
+        records = self.results_records
+        if records is None:
             return [note(f"no results.json yet: run `mkdt evaluate --out {self.store.path}`")]
-        records = self.store.load_results()
         lines = []
         md = self.store.results_table_path
-        if md.is_file() and not (caption := md.read_text().split("\n\n")[0]).startswith("|"):
+        if md.is_file() and not (caption := _read_text(md).split("\n\n")[0]).startswith("|"):
             lines += [_one_line(caption), ""]
         if margins := mkdt_margins(records):
             lines += [f"- {line}" for line in margins.splitlines()] + [""]
@@ -107,7 +237,7 @@ class RunReport:
     def distillation(self) -> list[str]:
         """The record's summary, the distilled images beside their initial images, the curves of
         distill/history.csv and the snapshots."""
-        record = self.store.record("distill")
+        record = self.records.get("distill")
         lines = []
         if record is None:
             lines.append(note("the distill stage has not finished"))
@@ -134,9 +264,9 @@ class RunReport:
         std = torch.tensor(meta["std"]).view(1, -1, 1, 1)
         distilled = (tensors["images"] * std + mean).clamp(0, 1)
         try:
-            subset = self.config.distill.init
-            indices = self.store.load_indices(len(distilled))[subset]
-            initial = self.real.train_images[indices].float() / 255
+            subset = self.distilled_from()
+            indices = self.store.load_indices(len(distilled), [subset])[subset]
+            initial = self.real("distill").train_images[indices].float() / 255
         except MkdtError as exc:
             shutil.copyfile(self.store.grid_path, self.folder / "grid.png")
             return [
@@ -160,13 +290,20 @@ class RunReport:
         return [self.image("curves.png", "per iteration, from distill/history.csv")]
 
     def init_classes(self) -> list[str]:
-        """The class histogram of the init subsets, with D_real's labels."""
-        if not self.store.indices_path.is_file():
+        """The class histogram of the finished init stage's subsets, with the labels of its D_real;
+        the subset the distilled set started from is marked."""
+        if "init" not in self.records:
             return [note(f"no init subsets yet: run `mkdt init --out {self.store.path}`")]
+        self.store.verified("init")
         subsets = load_tensors(self.store.indices_path)[0]
-        labels, classes = self.real.train_labels, self.real.classes
+        real = self.real("init")
+        labels, classes = real.train_labels, real.classes
+        try:
+            distilled = self.distilled_from()
+        except MkdtError:
+            distilled = None
         counts = {
-            f"{m} subset" + (" (distilled)" if m == self.config.distill.init else ""): torch.bincount(
+            f"{m} subset" + (" (distilled)" if m == distilled else ""): torch.bincount(
                 labels[subsets[m]], minlength=len(classes)
             ).tolist()
             for m in INIT_METHODS
@@ -191,7 +328,7 @@ class RunReport:
             rel = path.relative_to(folder)
             lines += [f"#### analysis/{rel}", ""]
             if path.suffix == ".md":
-                lines += [path.read_text().strip(), ""]
+                lines += [_read_text(path).strip(), ""]
             else:
                 copy = self.folder / path.relative_to(self.store.path)  # analysis/REL beside the page
                 copy.parent.mkdir(parents=True, exist_ok=True)
@@ -201,7 +338,7 @@ class RunReport:
 
     def stages(self) -> list[str]:
         """When each finished stage ended and how long it took."""
-        rows = [(s, self.store.record(s)) for s in STAGES]
+        rows = [(s, self.records.get(s)) for s in STAGES]
         done = [(s, r) for s, r in rows if r is not None]
         if not done:
             raise ArtifactError("no stage has finished yet")
