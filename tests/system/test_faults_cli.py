@@ -272,6 +272,7 @@ def _mkdt(*argv: str | bytes, env: dict[str, str] | None = None, **kwargs) -> su
     return subprocess.Popen([sys.executable, "-m", "mkdt", *argv], env={**base, **(env or {})}, **kwargs)
 
 
+@pytest.mark.slow  # a real mkdt run, twice
 def test_a_closed_stdout_ends_the_run_quietly_and_the_rerun_resumes(finished, tmp_path):  # noqa: F811
     """``mkdt run ... | head -1``: exit status 141, nothing on stderr but what the run printed (no
     traceback, no "Exception ignored" at exit); the same command then finishes the run."""
@@ -288,6 +289,7 @@ def test_a_closed_stdout_ends_the_run_quietly_and_the_rerun_resumes(finished, tm
     assert all((tmp_path / "run" / stage / "stage.json").is_file() for stage in ("teacher", "evaluate"))
 
 
+@pytest.mark.slow  # a real mkdt run per locale
 @pytest.mark.parametrize(
     "env, name",
     [
@@ -318,6 +320,7 @@ def test_non_ascii_paths_under_any_locale_print_and_log(finished, tmp_path, env,
     assert report.returncode == 0 and b"Traceback" not in stderr, stderr.decode(errors="replace")
 
 
+@pytest.mark.slow  # a real mkdt export, killed
 def test_a_killed_export_leaves_no_hidden_folder_after_the_next_one(finished, tmp_path):  # noqa: F811
     """SIGKILL inside ``mkdt export``'s writes leaves its hidden folder beside DIR; the next export
     there removes it and writes DIR."""
