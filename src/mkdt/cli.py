@@ -10,14 +10,21 @@ mkdt export RUN --to DIR [--set mkdt|mtt_ssl|ext:NAME]         a set as PNG file
 mkdt config  [--preset NAME] [--config FILE] [key=value ...]   print the resolved config
 mkdt presets                                                   list the presets and what each reproduces
 mkdt datasets                                                  list the registered datasets
+
+A command given an existing run directory (``--out``) and neither ``--preset`` nor ``--config``
+starts from that run's ``config.yaml``. The commands that write into a run directory (the stages,
+``run``, ``import``, ``analyze``) hold its lock (``OUT/.lock``) while they run; ``report``,
+``export`` and ``config`` only read.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
+import shlex
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from types import ModuleType
 
@@ -32,11 +39,12 @@ from mkdt.config import (
     preset_names,
 )
 from mkdt.data import DATASETS
-from mkdt.errors import MkdtError
+from mkdt.errors import ConfigError, MkdtError
 from mkdt.external import exporter, importer
 from mkdt.graph import STAGES, stage_keys
 from mkdt.pipeline import run_stages
 from mkdt.runtime import rank_and_world
+from mkdt.store import RunDir
 
 DEFAULT_PRESET = "demo"
 RUN_HELP = "run every stage in order, skipping finished ones (resumes an interrupted run)"
@@ -81,9 +89,11 @@ def _options_epilog(stage: str | None) -> str:
 
 
 def _add_config_args(parser: argparse.ArgumentParser) -> None:
-    """--preset, --config FILE and the key=value overrides."""
+    """--preset, --config FILE and the key=value overrides (resolved by :func:`_resolve`)."""
     parser.add_argument(
-        "--preset", default=DEFAULT_PRESET, help=f"settings to start from (default: {DEFAULT_PRESET})"
+        "--preset",
+        help=f"settings to start from (default: {DEFAULT_PRESET}; for an existing run directory "
+        "given neither --preset nor --config, the config it was made with: its config.yaml)",
     )
     parser.add_argument("--config", metavar="FILE", help="YAML file of config keys, after the preset")
     parser.add_argument(
@@ -96,14 +106,21 @@ def _add_config_args(parser: argparse.ArgumentParser) -> None:
 
 def _add_run_out(parser: argparse.ArgumentParser) -> None:
     """--out RUN of the commands that read or add to a run directory."""
-    parser.add_argument("--out", metavar="RUN", help="the run directory (default: runs/<preset>)")
+    parser.add_argument(
+        "--out",
+        metavar="RUN",
+        help="the run directory (default: runs/<preset>); its config is used (see --preset)",
+    )
 
 
 def _add_stage_options(parser: argparse.ArgumentParser) -> None:
     """The options of ``mkdt STAGE`` and ``mkdt run``."""
     _add_config_args(parser)
     parser.add_argument(
-        "--out", metavar="DIR", help="run directory holding every artifact (default: runs/<preset>)"
+        "--out",
+        metavar="DIR",
+        help="run directory holding every artifact (default: runs/<preset>); an existing one's config is "
+        "used (see --preset)",
     )
     parser.add_argument(
         "--force", action="store_true", help="recompute this stage (and drop the records of later stages)"
@@ -116,13 +133,49 @@ def _add_stage_options(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _resolve(args: argparse.Namespace) -> tuple[Config, str]:
+    """The config and run directory of a command with ``--out``: ``--out`` defaults to
+    ``runs/<preset>``, ``--preset`` to ``demo``. A run directory that exists (it has a
+    ``config.yaml``, written by every command before its first stage) remembers how it was made:
+    given neither ``--preset`` nor ``--config``, the command starts from its ``config.yaml``
+    (validated as any config file), the overrides on top, so that the commands mkdt prints for
+    it (``--repair``, ``--force``, resuming) work as printed. A new run directory, or one given
+    ``--preset`` or ``--config``, starts from the preset (a config made otherwise than the run's
+    is refused by the definition checks, naming the keys that differ)."""
+    given = args.preset is not None or args.config is not None
+    preset = args.preset or DEFAULT_PRESET
+    out: str = args.out or f"runs/{preset}"
+    recorded = RunDir(out).config_path
+    if not given and recorded.is_file():
+        try:
+            return load_config(None, str(recorded), args.overrides), out
+        except ConfigError as exc:
+            raise ConfigError(
+                f"{exc} (with {recorded}, the config the run was made with; give --preset or "
+                "--config to start from another)"
+            ) from None
+    return load_config(preset, args.config, args.overrides), out
+
+
+@contextlib.contextmanager
+def _writing(args: argparse.Namespace, out: str) -> Iterator[None]:
+    """Hold run directory ``out``'s lock (:meth:`RunDir.locked`) for the block, for a command
+    that writes into it. Under torchrun rank 0 alone takes it: it alone writes, and the other
+    ranks must not refuse each other; when rank 0 is refused, torchrun stops the others."""
+    if rank_and_world()[0] != 0:
+        yield
+        return
+    with RunDir(out).locked(args.command_line):
+        yield
+
+
 def _run_stages(args: argparse.Namespace) -> None:
-    """``mkdt STAGE`` and ``mkdt run``: the stages into ``--out`` (default ``runs/<preset>``);
-    rank 0 says when they are done."""
-    config = load_config(args.preset, args.config, args.overrides)
+    """``mkdt STAGE`` and ``mkdt run``: the stages into ``--out`` (:func:`_resolve`), holding its
+    lock; rank 0 says when they are done."""
+    config, out = _resolve(args)
     stages = list(STAGES) if args.command == "run" else [args.command]
-    out = args.out or f"runs/{args.preset}"
-    run_stages(config, out, stages, force=args.force, repair=args.repair)
+    with _writing(args, out):
+        run_stages(config, out, stages, force=args.force, repair=args.repair)
     if rank_and_world()[0] == 0:
         print(f"done: {', '.join(stages)} in {out}")
 
@@ -141,14 +194,14 @@ def _add_analyses(parser: argparse.ArgumentParser) -> None:
 
 
 def _analyze(module: ModuleType, args: argparse.Namespace) -> None:
-    """``mkdt analyze NAME``: the analysis ``module`` on the run's config and ``--out`` (default
-    ``runs/<preset>``), or on its own options when it reads no run."""
+    """``mkdt analyze NAME``: the analysis ``module`` on the run's config and ``--out``
+    (:func:`_resolve`), holding its lock, or on its own options when it reads no run."""
     if not module.NEEDS_RUN:
         module.main(args, None)
         return
-    config = load_config(args.preset, args.config, args.overrides)
-    args.out = args.out or f"runs/{args.preset}"
-    module.main(args, config)
+    config, args.out = _resolve(args)
+    with _writing(args, args.out):
+        module.main(args, config)
 
 
 def _add_import_options(parser: argparse.ArgumentParser) -> None:
@@ -159,9 +212,10 @@ def _add_import_options(parser: argparse.ArgumentParser) -> None:
 
 
 def _import(args: argparse.Namespace) -> None:
-    """``mkdt import``: into ``--out`` (default ``runs/<preset>``) with the run's config."""
-    args.out = args.out or f"runs/{args.preset}"
-    importer.main(args, load_config(args.preset, args.config, args.overrides))
+    """``mkdt import``: into ``--out`` (:func:`_resolve`) with the run's config, holding its lock."""
+    config, args.out = _resolve(args)
+    with _writing(args, args.out):
+        importer.main(args, config)
 
 
 def _add_report_options(parser: argparse.ArgumentParser) -> None:
@@ -180,7 +234,7 @@ def _report(args: argparse.Namespace) -> None:
 
 def _print_config(args: argparse.Namespace) -> None:
     """``mkdt config``: the resolved config as YAML."""
-    print(dump_config(load_config(args.preset, args.config, args.overrides)), end="")
+    print(dump_config(load_config(args.preset or DEFAULT_PRESET, args.config, args.overrides)), end="")
 
 
 def _print_presets(args: argparse.Namespace) -> None:
@@ -271,6 +325,7 @@ def parse(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> argpar
 def main(argv: Sequence[str] | None = None) -> int:
     """Run one command; user mistakes print one line ``mkdt: error: ...`` and return 2."""
     args = parse(build_parser(), argv)
+    args.command_line = shlex.join(["mkdt", *(sys.argv[1:] if argv is None else argv)])
     try:
         args.handler(args)
     except MkdtError as exc:
