@@ -1,8 +1,14 @@
-"""The run directory's artifact IO: round trips, atomic writes, damaged files and stage records."""
+"""The run directory's artifact IO: round trips, atomic writes, damaged files, stage records, the lock."""
+
+import errno
+import json
+import os
+import shutil
 
 import pytest
 import torch
 
+from mkdt import files
 from mkdt.errors import ArtifactError
 from mkdt.files import atomic_path, fingerprint, load_checkpoint, load_tensors, save_checkpoint, save_tensors
 from mkdt.runtime import derive_seed
@@ -67,3 +73,52 @@ def test_fingerprint_and_derived_seeds_are_stable_and_distinct():
     seeds = {derive_seed(0, "expert", k) for k in range(100)}
     assert len(seeds) == 100 and derive_seed(0, "expert", 3) == derive_seed(0, "expert", 3)
     assert all(0 <= s < 2**63 for s in seeds)
+
+
+def test_a_same_size_change_of_a_recorded_artifact_is_damage_named_with_its_repair(tmp_path):
+    made = RunDir(tmp_path / "made")
+    path = made.targets_path
+    save_tensors(path, {"targets": torch.zeros(10, 4)}, {})
+    made.finish("targets", {}, 1.0, {}, (path,))
+    shutil.copytree(made.path, tmp_path / "run")  # another path: hashed afresh, as by a later process
+    run = RunDir(tmp_path / "run")
+    assert run.damaged("targets") == [] and run.verified("targets")["artifacts"]
+    data = bytearray(run.targets_path.read_bytes())
+    data[-1] ^= 0x40  # one float changed, the size kept
+    run.targets_path.write_bytes(bytes(data))
+    assert run.damaged("targets") == ["targets/targets.safetensors"]
+    with pytest.raises(ArtifactError, match=r"targets.safetensors of the finished targets stage is damaged"):
+        run.verified("targets")
+    with pytest.raises(ArtifactError, match=rf"sha256.*`mkdt targets --repair --out {run.path}`"):
+        run.verified("targets")
+
+
+def test_a_run_directory_has_one_writer_at_a_time_and_a_killed_writers_lock_is_taken_over(tmp_path):
+    run = RunDir(tmp_path / "new" / "run")
+    with run.locked("mkdt run --out new/run"):
+        holder = json.loads(run.lock_path.read_text())
+        assert holder["pid"] == os.getpid() and holder["command"] == "mkdt run --out new/run"
+        # flock conflicts between two opens of the file, even in one process
+        refusal = rf"run is in use by another mkdt process \(pid {os.getpid()} on .*: mkdt run --out"
+        with pytest.raises(ArtifactError, match=refusal), RunDir(run.path).locked("mkdt teacher"):
+            pass
+    assert not (tmp_path / "new").exists()  # made for the lock and left empty: removed again
+    run.path.mkdir(parents=True)
+    run.lock_path.write_text('{"pid": 1, "host": "gone"}')  # left by a killed process: nobody holds it
+    with run.locked("mkdt run"):
+        assert json.loads(run.lock_path.read_text())["command"] == "mkdt run"
+    assert list(run.path.iterdir()) == []
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ArtifactError, match="is a file, not a folder"), RunDir(tmp_path / "file").locked("x"):
+        pass
+
+
+def test_a_file_system_without_locks_gets_a_warning_and_no_lock(tmp_path, monkeypatch, capsys):
+    def no_locks(fd, operation):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(files.fcntl, "flock", no_locks)
+    with RunDir(tmp_path / "run").locked("mkdt run"):
+        assert not (tmp_path / "run" / ".lock").exists()
+    assert "mkdt: warning: cannot lock" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()

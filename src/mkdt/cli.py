@@ -15,17 +15,23 @@ Exit status: 0 done; 2 a user mistake (one line ``mkdt: error: ...`` on stderr, 
 130 interrupted (Ctrl-C); 141 stdout closed before the command finished (e.g. ``mkdt run | head``:
 the command stops quietly, as a program killed by SIGPIPE would, and the same command resumes it).
 A ``~`` at the start of a path option is expanded also where the shell does not (``--out=~/run``).
+A command given an existing run directory (``--out``) and neither ``--preset`` nor ``--config``
+starts from that run's ``config.yaml``. The commands that write into a run directory (the stages,
+``run``, ``import``, ``analyze``) hold its lock (``OUT/.lock``) while they run; ``report``,
+``export`` and ``config`` only read.
 """
 
 from __future__ import annotations
 
 import argparse
 import codecs
+import contextlib
 import functools
 import io
 import os
+import shlex
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
@@ -47,6 +53,7 @@ from mkdt.files import check_writable_folder
 from mkdt.graph import STAGES, stage_keys
 from mkdt.pipeline import run_stages
 from mkdt.runtime import rank_and_world
+from mkdt.store import RunDir
 
 DEFAULT_PRESET = "demo"
 EXIT_USER_ERROR, EXIT_INTERRUPTED, EXIT_CLOSED_OUTPUT = 2, 130, 141
@@ -103,9 +110,11 @@ def _options_epilog(stage: str | None) -> str:
 
 
 def _add_config_args(parser: argparse.ArgumentParser) -> None:
-    """--preset, --config FILE and the key=value overrides."""
+    """--preset, --config FILE and the key=value overrides (resolved by :func:`_resolve`)."""
     parser.add_argument(
-        "--preset", default=DEFAULT_PRESET, help=f"settings to start from (default: {DEFAULT_PRESET})"
+        "--preset",
+        help=f"settings to start from (default: {DEFAULT_PRESET}; for an existing run directory "
+        "given neither --preset nor --config, the config it was made with: its config.yaml)",
     )
     parser.add_argument("--config", metavar="FILE", help="YAML file of config keys, after the preset")
     parser.add_argument(
@@ -118,14 +127,21 @@ def _add_config_args(parser: argparse.ArgumentParser) -> None:
 
 def _add_run_out(parser: argparse.ArgumentParser) -> None:
     """--out RUN of the commands that read or add to a run directory."""
-    parser.add_argument("--out", metavar="RUN", help="the run directory (default: runs/<preset>)")
+    parser.add_argument(
+        "--out",
+        metavar="RUN",
+        help="the run directory (default: runs/<preset>); its config is used (see --preset)",
+    )
 
 
 def _add_stage_options(parser: argparse.ArgumentParser) -> None:
     """The options of ``mkdt STAGE`` and ``mkdt run``."""
     _add_config_args(parser)
     parser.add_argument(
-        "--out", metavar="DIR", help="run directory holding every artifact (default: runs/<preset>)"
+        "--out",
+        metavar="DIR",
+        help="run directory holding every artifact (default: runs/<preset>); an existing one's config is "
+        "used (see --preset)",
     )
     parser.add_argument(
         "--force", action="store_true", help="recompute this stage (and drop the records of later stages)"
@@ -138,13 +154,49 @@ def _add_stage_options(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _resolve(args: argparse.Namespace) -> tuple[Config, str]:
+    """The config and run directory of a command with ``--out``: ``--out`` defaults to
+    ``runs/<preset>``, ``--preset`` to ``demo``. A run directory that exists (it has a
+    ``config.yaml``, written by every command before its first stage) remembers how it was made:
+    given neither ``--preset`` nor ``--config``, the command starts from its ``config.yaml``
+    (validated as any config file), the overrides on top, so that the commands mkdt prints for
+    it (``--repair``, ``--force``, resuming) work as printed. A new run directory, or one given
+    ``--preset`` or ``--config``, starts from the preset (a config made otherwise than the run's
+    is refused by the definition checks, naming the keys that differ)."""
+    given = args.preset is not None or args.config is not None
+    preset = args.preset or DEFAULT_PRESET
+    out: str = args.out or f"runs/{preset}"
+    recorded = RunDir(out).config_path
+    if not given and recorded.is_file():
+        try:
+            return load_config(None, str(recorded), args.overrides), out
+        except ConfigError as exc:
+            raise ConfigError(
+                f"{exc} (with {recorded}, the config the run was made with; give --preset or "
+                "--config to start from another)"
+            ) from None
+    return load_config(preset, args.config, args.overrides), out
+
+
+@contextlib.contextmanager
+def _writing(args: argparse.Namespace, out: str) -> Iterator[None]:
+    """Hold run directory ``out``'s lock (:meth:`RunDir.locked`) for the block, for a command
+    that writes into it. Under torchrun rank 0 alone takes it: it alone writes, and the other
+    ranks must not refuse each other; when rank 0 is refused, torchrun stops the others."""
+    if rank_and_world()[0] != 0:
+        yield
+        return
+    with RunDir(out).locked(args.command_line):
+        yield
+
+
 def _run_stages(args: argparse.Namespace) -> None:
-    """``mkdt STAGE`` and ``mkdt run``: the stages into ``--out`` (default ``runs/<preset>``);
-    rank 0 says when they are done."""
-    config = load_config(args.preset, args.config, args.overrides)
+    """``mkdt STAGE`` and ``mkdt run``: the stages into ``--out`` (:func:`_resolve`), holding its
+    lock; rank 0 says when they are done."""
+    config, out = _resolve(args)
     stages = list(STAGES) if args.command == "run" else [args.command]
-    out = args.out or f"runs/{args.preset}"
-    run_stages(config, out, stages, force=args.force, repair=args.repair)
+    with _writing(args, out):
+        run_stages(config, out, stages, force=args.force, repair=args.repair)
     if rank_and_world()[0] == 0:
         print(f"done: {', '.join(stages)} in {out}")
 
@@ -163,14 +215,14 @@ def _add_analyses(parser: argparse.ArgumentParser) -> None:
 
 
 def _analyze(module: ModuleType, args: argparse.Namespace) -> None:
-    """``mkdt analyze NAME``: the analysis ``module`` on the run's config and ``--out`` (default
-    ``runs/<preset>``), or on its own options when it reads no run."""
+    """``mkdt analyze NAME``: the analysis ``module`` on the run's config and ``--out``
+    (:func:`_resolve`), holding its lock, or on its own options when it reads no run."""
     if not module.NEEDS_RUN:
         module.main(args, None)
         return
-    config = load_config(args.preset, args.config, args.overrides)
-    args.out = args.out or f"runs/{args.preset}"
-    module.main(args, config)
+    config, args.out = _resolve(args)
+    with _writing(args, args.out):
+        module.main(args, config)
 
 
 def _add_import_options(parser: argparse.ArgumentParser) -> None:
@@ -181,9 +233,10 @@ def _add_import_options(parser: argparse.ArgumentParser) -> None:
 
 
 def _import(args: argparse.Namespace) -> None:
-    """``mkdt import``: into ``--out`` (default ``runs/<preset>``) with the run's config."""
-    args.out = args.out or f"runs/{args.preset}"
-    importer.main(args, load_config(args.preset, args.config, args.overrides))
+    """``mkdt import``: into ``--out`` (:func:`_resolve`) with the run's config, holding its lock."""
+    config, args.out = _resolve(args)
+    with _writing(args, args.out):
+        importer.main(args, config)
 
 
 def _add_report_options(parser: argparse.ArgumentParser) -> None:
@@ -202,7 +255,7 @@ def _report(args: argparse.Namespace) -> None:
 
 def _print_config(args: argparse.Namespace) -> None:
     """``mkdt config``: the resolved config as YAML."""
-    print(dump_config(load_config(args.preset, args.config, args.overrides)), end="")
+    print(dump_config(load_config(args.preset or DEFAULT_PRESET, args.config, args.overrides)), end="")
 
 
 def _print_presets(args: argparse.Namespace) -> None:
@@ -349,6 +402,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ``mkdt: error: ...`` and return 2."""
     _tolerant_output()
     args = parse(build_parser(), argv)
+    args.command_line = shlex.join(["mkdt", *(sys.argv[1:] if argv is None else argv)])
     try:
         checked_paths(args)
         args.handler(args)

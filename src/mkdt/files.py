@@ -7,6 +7,9 @@ directory (:mod:`mkdt.store`) and the dataset cache (:mod:`mkdt.data.cache`).
   with ``weights_only=True``;
 - text and JSON.
 
+A run directory's lock (:func:`lock_file`) is an ``flock`` on a file in it, which the kernel
+releases however its holder ends.
+
 Every write goes to a temporary file in a private folder beside the target
 (``.<name>.<host>.<pid>.<random>.tmp/``) and
 replaces it with one ``os.replace``, so a kill leaves either the old file or the new one, and at
@@ -19,6 +22,7 @@ naming the file and the cause.
 from __future__ import annotations
 
 import errno
+import fcntl
 import functools
 import hashlib
 import io
@@ -272,19 +276,86 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
 
 
 def file_sha256(path: Path) -> str:
-    """sha256 of a file's bytes, computed once per (path, size, mtime) in a process: stage
-    definitions ask for the teacher checkpoint's hash once per expert file they check."""
+    """sha256 of a file's bytes, computed once per (path, size, mtime) in a process: a run
+    directory's artifacts are hashed when their stage records them and checked against that hash
+    before every stage that reads them, and stage definitions ask for the teacher checkpoint's
+    hash once per expert file they check. (A change that keeps a file's size and modification
+    time is seen by the next process.)"""
     stat = path.stat()
     return _sha256(str(path.resolve()), stat.st_size, stat.st_mtime_ns)
 
 
-@functools.lru_cache(maxsize=16)
+@functools.lru_cache(maxsize=4096)
 def _sha256(path: str, size: int, mtime_ns: int) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as fh:
         for chunk in iter(lambda: fh.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+class LocksUnsupported(ArtifactError):
+    """The file system of a lock file does not support ``flock`` (some network file systems)."""
+
+
+def lock_file(path: Path, note: str) -> int | None:
+    """An open descriptor of ``path`` (created when missing) that holds an exclusive ``flock`` on
+    the file ``path`` names, with ``note`` (who holds it) written into the file; None, without
+    waiting, when another process holds it (:func:`lock_note` reads its note). The kernel
+    releases the lock when the descriptor is closed or its process ends, however it ends (SIGKILL,
+    a reboot). Release it with :func:`unlock_file`, which removes the file first: a process that
+    opened the removed file in between finds that ``path`` names another file and starts over.
+    A file system without ``flock`` raises :class:`LocksUnsupported`; another OSError (a
+    read-only folder, a file where a folder should be) raises ArtifactError."""
+    while True:
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+        except OSError as exc:
+            raise write_error(path, exc) from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return None
+        except OSError as exc:  # e.g. ENOSYS, ENOLCK: a file system without flock
+            if os.fstat(fd).st_size == 0:
+                path.unlink(missing_ok=True)  # made by this call
+            os.close(fd)
+            raise LocksUnsupported(f"cannot lock {path} ({exc.strerror})") from None
+        if _names(path, fd):
+            try:
+                os.ftruncate(fd, 0)
+                os.write(fd, note.encode())
+            except OSError as exc:
+                os.close(fd)
+                raise write_error(path, exc) from None
+            return fd
+        os.close(fd)  # the holder removed the file before we locked it: lock the one named now
+
+
+def _names(path: Path, fd: int) -> bool:
+    """Whether ``path`` names the open file ``fd``."""
+    try:
+        named, held = os.stat(path), os.fstat(fd)
+    except FileNotFoundError:
+        return False
+    return (named.st_dev, named.st_ino) == (held.st_dev, held.st_ino)
+
+
+def lock_note(path: Path) -> str:
+    """The note the holder of a :func:`lock_file` lock wrote ("" when it has not yet, or is gone)."""
+    try:
+        return path.read_text(errors="replace")
+    except OSError:
+        return ""
+
+
+def unlock_file(path: Path, fd: int) -> None:
+    """Release a :func:`lock_file` lock: the file removed, then the descriptor closed."""
+    try:
+        path.unlink(missing_ok=True)
+    finally:
+        os.close(fd)
 
 
 def fingerprint(defining: dict[str, Any]) -> str:

@@ -3,11 +3,13 @@ loaded and placed on the device once for all of them.
 
 A command runs in three phases, so that a refused command changes nothing on disk:
 
-1. :func:`check`: every check that can run before compute, nothing written;
+1. :func:`check`: every check that can run before compute, nothing written: the config against
+   D_real, every finished stage's definition and artifacts (sizes and sha256), the prerequisites
+   of the stages that run, the sets the evaluation imports, and what ``--repair`` will delete;
 2. :func:`prepare` (rank 0): the folder made writable and checked for room, ``config.yaml``
    written, the records that ``--force`` invalidates dropped;
-3. :func:`run_planned`: the stages run in order, with ``--repair``'s deletions before a stage and
-   the manifest written after each.
+3. :func:`run_planned`: the stages run in order, with ``--repair``'s deletions (decided by
+   :func:`check`) before a stage and the manifest written after each.
 
 Under torchrun rank 0 alone writes (the folder, config.yaml, records, the manifest, the log) and
 every rank waits at a barrier after each write, so that all ranks see the same run directory.
@@ -29,9 +31,10 @@ from mkdt.downstream import available_tasks, window_summary
 from mkdt.errors import ArtifactError
 from mkdt.files import logged_to, write_text
 from mkdt.graph import STAGES, defining, later_stages
+from mkdt.methods import parse_method
 from mkdt.runtime import Runtime
 from mkdt.stages import distill, evaluate, experts, init, targets, teacher
-from mkdt.stages.context import check_budgets, check_disk, estimated_bytes
+from mkdt.stages.context import check_budgets, check_disk, estimated_bytes, require_prerequisites
 from mkdt.store import RunDir
 
 StageRun = Callable[..., dict[str, Any]]
@@ -59,7 +62,7 @@ class Plan:
     needed: int  # about the bytes the artifacts of ``todo`` take
     skipped: dict[str, str]  # tasks the evaluation leaves out (evaluate.missing_tasks=skip): a line each
     force: bool
-    repair: bool
+    repairs: dict[str, list[str]]  # with --repair: the finished stages' missing or damaged artifacts
 
 
 def run_stages(
@@ -67,16 +70,21 @@ def run_stages(
 ) -> dict[str, dict[str, Any]]:
     """Run ``stages`` (in pipeline order) into ``out``; finished compatible stages are skipped.
 
-    Before anything is written: the device, D_real, the sizes it must satisfy, the files of the
-    evaluation's tasks (a missing one is refused or, ``evaluate.missing_tasks=skip``, named in one
-    line when the run starts), and whether every requested stage that already finished was made
-    with this config (else ArtifactError) are checked, then the folder is made writable and checked
+    Before anything is written (:func:`check`): the device, D_real, the sizes it must satisfy,
+    the files of the evaluation's tasks (a missing one is refused or, ``evaluate.missing_tasks=skip``,
+    named in one line when the run starts), the sets it imports, whether every requested stage
+    that already finished was made with this config and is intact, and whether the prerequisites
+    of the stages that run are (else ArtifactError); then the folder is made writable and checked
     for room. With ``force`` the named stages are recomputed and every later stage's record is
     dropped. With ``repair`` a finished stage whose artifacts are missing or damaged is redone
     (experts: only the damaged ones); the later stages' records are dropped only if the repaired
     artifacts differ from the recorded ones. Returns each stage's record.
+
+    The caller makes sure no other process writes into ``out`` meanwhile: the CLI holds
+    :meth:`RunDir.locked` for the whole command.
     """
     plan = check(config, out, stages, force=force, repair=repair)
+    plan.runtime.barrier()  # every rank has read the run directory before rank 0 writes
     if plan.runtime.is_main:
         prepare(plan)
     plan.runtime.barrier()
@@ -86,21 +94,28 @@ def run_stages(
 def check(config: Config, out: str | Path, stages: list[str], *, force: bool, repair: bool) -> Plan:
     """Phase 1, nothing written: create the runtime (the device; under torchrun the process group)
     and load D_real, check the sizes it must satisfy, that every requested stage that already
-    finished was made with this config and still has its artifacts (with ``repair`` a damaged one
-    is left to :func:`run_planned` instead; ``force`` checks none), which stages run, the files of
-    the evaluation's tasks when it runs (``evaluate.missing_tasks=error``: ConfigError for a missing
-    one) and the bytes the running stages will write. Raises the first failed check's MkdtError."""
+    finished was made with this config and still has its artifacts (:func:`_check_finished`;
+    ``force`` checks none), which stages run (with ``repair`` the damaged ones too), that the
+    prerequisites of each were made with this config and are intact unless an earlier stage of
+    the command makes them (:func:`mkdt.stages.context.require_prerequisites`), the files of the
+    evaluation's tasks when it runs (``evaluate.missing_tasks=error``: ConfigError for a missing
+    one) and the sets it reads that no stage of the command makes (:func:`_check_sets`), and the
+    bytes the running stages will write. Raises the first failed check's MkdtError."""
     store = RunDir(out)
     names = [name for name in STAGES if name in stages]
     runtime = Runtime.create(config.device, config.precision, config.channels_last, config.compile)
     real = load_real(config.data, config.seed, runtime.device)
     check_budgets(config, real.data, names)
-    if not force:
-        for name in names:
-            if not (repair and store.damaged(name)) and store.is_done(name, defining(config, name)):
-                store.verified(name)
-    todo = [name for name in names if force or store.record(name) is None]
-    skipped = available_tasks(config)[1] if "evaluate" in todo else {}
+    repairs = {} if force else _check_finished(config, store, names, repair)
+    todo = [name for name in names if force or name in repairs or store.record(name) is None]
+    for i, name in enumerate(todo):
+        require_prerequisites(
+            config, store, name, todo[:i], lambda stage: f"{STAGES[stage].command} --out {store.path}"
+        )
+    skipped = {}
+    if "evaluate" in todo:
+        skipped = available_tasks(config)[1]
+        _check_sets(config, store, names, todo)
     needed = sum(estimated_bytes(config, real.data, name) for name in todo)
     return Plan(
         config=config,
@@ -113,8 +128,41 @@ def check(config: Config, out: str | Path, stages: list[str], *, force: bool, re
         needed=needed,
         skipped=skipped,
         force=force,
-        repair=repair,
+        repairs=repairs,
     )
+
+
+def _check_finished(config: Config, store: RunDir, names: list[str], repair: bool) -> dict[str, list[str]]:
+    """Check that each finished stage of ``names`` was made with this config (else
+    ArtifactError, also with ``repair``: a stage is repaired into the same definition only) and
+    still has the artifacts it recorded (:meth:`RunDir.verified`), except, with ``repair``, those
+    that do not. Returns what ``--repair`` deletes: the missing or damaged artifacts of those
+    stages, by stage."""
+    repairs = {}
+    for name in names:
+        if not store.is_done(name, defining(config, name)):
+            continue
+        damaged = store.damaged(name)
+        if repair and damaged:
+            repairs[name] = damaged
+        else:
+            store.verified(name)
+    return repairs
+
+
+def _check_sets(config: Config, store: RunDir, names: list[str], todo: list[str]) -> None:
+    """Check that the evaluation's pre-training sets that no stage of this command makes are
+    there: imported sets (``ext:NAME``; imported against the finished targets unless the command
+    redoes them), the MTT-SSL set of ``mkdt analyze mtt``, and, when the distill stage is not
+    part of the command, the variants it made. Raises ArtifactError naming the command that
+    makes a missing one."""
+    for method in map(parse_method, config.evaluate.methods):
+        if method.external is not None:
+            store.require_imported(method.external, same_targets="targets" not in todo)
+        elif method.source == "mtt":
+            store.require_mtt_ssl()
+        elif method.source == "variant" and method.subset is not None and "distill" not in names:
+            store.require_variant(method.subset)
 
 
 def prepare(plan: Plan) -> None:
@@ -175,12 +223,12 @@ def _announce(plan: Plan) -> None:
 
 
 def _discard_damaged(plan: Plan, name: str) -> tuple[dict[str, Any] | None, list[str]]:
-    """With ``repair`` and ``name`` finished: its record and its missing or damaged artifacts
-    (paths relative to the run directory), which rank 0 deletes, with the record, so that the
-    stage runs again; else (None, []). Every rank waits at a barrier after."""
+    """When :func:`check` found ``name``'s artifacts damaged (``--repair``): its record and
+    those artifacts (paths relative to the run directory), which rank 0 deletes, with the record,
+    so that the stage runs again; else (None, []). Every rank waits at a barrier after."""
     store = plan.store
-    old = store.record(name) if plan.repair else None
-    damaged = store.damaged(name) if old is not None else []
+    damaged = plan.repairs.get(name, [])
+    old = store.record(name) if damaged else None
     if damaged and plan.runtime.is_main:
         for rel in damaged:
             store.artifact_path(rel).unlink(missing_ok=True)

@@ -29,6 +29,7 @@ Stages talk to each other only through this store. Layout of a run directory ``O
                                              (mtt_ssl, mtt_sl)
     OUT/analysis/mtt/mtt_ssl.safetensors     the MTT-SSL set of ``mkdt analyze mtt``, evaluated as
                                              ``mtt_ssl``
+    OUT/.lock                                while a command writes: its lock, with who holds it
 
 Every file but the appended ``log.txt`` is written in a private temporary folder beside it
 (``.<name>.<host>.<pid>.<random>.tmp``) and renamed into place (:func:`mkdt.files.atomic_path`);
@@ -37,7 +38,10 @@ Every file but the appended ``log.txt`` is written in a private temporary folder
 A stage is finished when its ``stage.json`` exists; that record is written last, so a crash never
 leaves a stage that looks finished. Each stage's *definition* (:mod:`mkdt.graph`) is stored in its
 record and in every artifact it makes, and a stage refuses to reuse or extend one made with another
-definition. Records live in one file per stage so that ranks of a distributed run can share a folder.
+definition. The record holds each artifact's size and sha256, and a stage's artifacts are checked
+against both before another stage reads them (:meth:`RunDir.verified`). Records live in one file
+per stage so that ranks of a distributed run can share a folder. One process at a time writes into
+a run directory (:meth:`RunDir.locked`).
 """
 
 from __future__ import annotations
@@ -46,10 +50,14 @@ import csv
 import datetime
 import functools
 import io
+import json
 import math
+import os
 import platform
 import subprocess
-from collections.abc import Iterable
+import sys
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -58,16 +66,20 @@ import torch
 
 from mkdt.errors import ArtifactError
 from mkdt.files import (
+    LocksUnsupported,
     atomic_path,
     check_same_definition,
     file_sha256,
     fingerprint,
     free_bytes,
     load_tensors,
+    lock_file,
+    lock_note,
     read_json,
     read_metadata,
     remove_orphaned_temp_files,
     save_tensors,
+    unlock_file,
     write_error,
     write_json,
     write_text,
@@ -195,7 +207,8 @@ class RunDir:
 
     def require(self, stage: str, defining: dict[str, Any], command: str) -> dict[str, Any]:
         """The record of a prerequisite stage, checked against its definition, its artifacts
-        checked against the sizes it recorded."""
+        checked against the sizes and sha256 it recorded (:meth:`verified`); ArtifactError naming
+        ``command`` when it has not finished."""
         record = self.record(stage)
         if record is None:
             raise ArtifactError(f"no finished {stage} in {self.path}; run `{command}` first")
@@ -204,27 +217,36 @@ class RunDir:
 
     def damaged(self, stage: str) -> list[str]:
         """The artifacts (paths relative to the run directory) of a finished stage that are missing
-        or whose size differs from its record."""
+        or are not the files the stage recorded: another size, or another sha256 (hashed once per
+        file version in a process, :func:`mkdt.files.file_sha256`)."""
         record = self.record(stage) or {}
-        bad = []
-        for rel, meta in record.get("artifacts", {}).items():
-            path = self.path / rel
-            if not path.is_file() or path.stat().st_size != meta["size"]:
-                bad.append(rel)
-        return bad
+        return [rel for rel, meta in record.get("artifacts", {}).items() if self._problem(rel, meta)]
+
+    def _problem(self, rel: str, meta: dict[str, Any]) -> str | None:
+        """What is wrong with the recorded artifact ``rel`` (its record entry ``meta``), or None."""
+        path = self.artifact_path(rel)
+        if not path.is_file():
+            return "missing"
+        if path.stat().st_size != meta["size"]:
+            return f"damaged ({path.stat().st_size} bytes; the stage wrote {meta['size']})"
+        if meta.get("sha256") not in (None, file_sha256(path)):
+            return "damaged (its sha256 is not the one the stage recorded)"
+        return None
 
     def verified(self, stage: str) -> dict[str, Any]:
-        """The stage's record, after checking that its artifacts are all there, at their recorded
-        sizes; a missing or damaged one raises ArtifactError with the command that repairs it."""
+        """The stage's record, after checking that its artifacts are all there with their recorded
+        sizes and sha256; a missing or damaged one raises ArtifactError naming the file and the
+        command that repairs it."""
         record = self.record(stage)
         assert record is not None
         bad = self.damaged(stage)
         if bad:
-            more = f" and {len(bad) - 1} more" if len(bad) > 1 else ""
+            problem = self._problem(bad[0], record["artifacts"][bad[0]])
+            more = f" (and {len(bad) - 1} more of its files)" if len(bad) > 1 else ""
             raise ArtifactError(
-                f"{bad[0]}{more} of the finished {stage} stage in {self.path} is missing or "
-                f"damaged; repair it with `mkdt {stage} --repair --out {self.path}` (redoes "
-                "only what is missing)"
+                f"{self.artifact_path(bad[0])}{more} of the finished {stage} stage is {problem}; "
+                f"repair it with `mkdt {stage} --repair --out {self.path}` (redoes only what is "
+                "missing or damaged)"
             )
         return record
 
@@ -269,6 +291,88 @@ class RunDir:
             raise write_error(probe, exc) from None
         remove_orphaned_temp_files(self.path)
         return created
+
+    @property
+    def lock_path(self) -> Path:
+        """``.lock``: held (``flock``) by the command writing into the run directory, with who it is."""
+        return self.path / ".lock"
+
+    @contextmanager
+    def locked(self, command: str) -> Iterator[None]:
+        """Hold the run directory's lock for the block: one process writes into a run directory
+        at a time. The folder is made if missing (and removed again if the block leaves it empty);
+        ``.lock`` gets this process's host, pid, ``command`` and start time, and is removed when
+        the block ends. ArtifactError (one line) naming the holder when another process holds it,
+        or when the folder cannot be made. A lock left by a killed process or a reboot is free
+        (the kernel released it) and taken over. Assumes a file system that honours ``flock``
+        across the processes that may share the folder (local disks do; network file systems may
+        not, and one that refuses ``flock`` gets a warning and no lock)."""
+        made = self._make_folder()
+        try:
+            with self._lock(command):
+                yield
+        finally:
+            for folder in reversed(made):  # deepest first; stops at one the block filled
+                try:
+                    folder.rmdir()
+                except OSError:
+                    break
+
+    @contextmanager
+    def _lock(self, command: str) -> Iterator[None]:
+        """:meth:`locked` in an existing folder; on a file system without ``flock`` a warning
+        that nothing keeps other processes out, and no lock."""
+        holder = {"host": platform.node(), "pid": os.getpid(), "command": command, "started": now()}
+        unsupported = None
+        try:
+            fd = lock_file(self.lock_path, json.dumps(holder))
+        except LocksUnsupported as exc:
+            fd, unsupported = None, exc
+        if unsupported is not None:
+            print(
+                f"mkdt: warning: {unsupported}: this file system has no locks, so nothing keeps "
+                f"another mkdt command from writing into {self.path} meanwhile",
+                file=sys.stderr,
+            )
+            yield
+            return
+        if fd is None:
+            raise ArtifactError(self._in_use())
+        try:
+            yield
+        finally:
+            unlock_file(self.lock_path, fd)
+
+    def _make_folder(self) -> list[Path]:
+        """Make the run directory and its missing parents; returns those made, outermost first.
+        ArtifactError when ``--out`` is a file or cannot be made."""
+        if self.path.exists() and not self.path.is_dir():
+            raise ArtifactError(f"--out {self.path} is a file, not a folder; choose another --out")
+        made = []
+        for folder in reversed([p for p in (self.path, *self.path.parents) if not p.exists()]):
+            try:
+                folder.mkdir()
+            except FileExistsError:
+                continue
+            except OSError as exc:
+                raise write_error(folder / ".mkdt-write-test", exc) from None
+            made.append(folder)
+        return made
+
+    def _in_use(self) -> str:
+        """The refusal when another process holds the lock, naming it from the lock's note."""
+        try:
+            holder = json.loads(lock_note(self.lock_path))
+            who = (
+                f"pid {holder['pid']} on {holder['host']}, started {holder['started']}: "
+                f"{' '.join(str(holder['command']).split())}"
+            )
+        except (ValueError, TypeError, KeyError):
+            who = "it has not written which yet"
+        return (
+            f"{self.path} is in use by another mkdt process ({who}); wait for it to finish or stop "
+            "it, then run this command again"
+        )
 
     def free_bytes(self) -> int | None:
         """Free space on the run directory's file system (of its nearest existing parent before
@@ -507,16 +611,20 @@ class RunDir:
         tensors = load_tensors(path or self.synthetic_path)[0]
         return SyntheticSet(tensors["images"], tensors["targets"], float(tensors["lr"]))
 
-    def load_variant(self, init: str) -> SyntheticSet:
-        """The set of distill variant ``init``; ArtifactError naming ``distill.variants`` and the
-        command that makes it when the finished distill stage's record does not list it."""
+    def require_variant(self, init: str) -> Path:
+        """The set file of distill variant ``init``; ArtifactError naming ``distill.variants`` and
+        the command that makes it when the finished distill stage's record does not list it."""
         path = self.variant(init).synthetic_path
         if str(path.relative_to(self.path)) not in (self.record("distill") or {}).get("artifacts", {}):
             raise ArtifactError(
                 f"the distill stage in {self.path} has no variant {init}; list it in distill.variants "
                 f"and run `mkdt distill --out {self.path}` (the main set is kept)"
             )
-        return self.load_synthetic(path)
+        return path
+
+    def load_variant(self, init: str) -> SyntheticSet:
+        """The set of distill variant ``init`` (:meth:`require_variant`)."""
+        return self.load_synthetic(self.require_variant(init))
 
     @property
     def history_path(self) -> Path:
@@ -630,15 +738,19 @@ class RunDir:
             {"mean": list(mean), "std": list(std), **metadata},
         )
 
-    def load_mtt_ssl(self) -> SyntheticSet:
-        """The MTT-SSL set (images normalised like D_real, teacher targets, its KD lr); ArtifactError
-        naming the command that makes it when absent."""
+    def require_mtt_ssl(self) -> Path:
+        """The MTT-SSL set's file; ArtifactError naming the command that makes it when absent."""
         if not self.mtt_ssl_path.is_file():
             raise ArtifactError(
                 f"no MTT-SSL set in {self.path} ({self.mtt_ssl_path} is missing); run "
                 f"`mkdt analyze mtt --out {self.path}` first"
             )
-        tensors = load_tensors(self.mtt_ssl_path)[0]
+        return self.mtt_ssl_path
+
+    def load_mtt_ssl(self) -> SyntheticSet:
+        """The MTT-SSL set (images normalised like D_real, teacher targets, its KD lr); ArtifactError
+        naming the command that makes it when absent (:meth:`require_mtt_ssl`)."""
+        tensors = load_tensors(self.require_mtt_ssl())[0]
         return SyntheticSet(tensors["images"], tensors["targets"], float(tensors["lr"]))
 
     # ------------------------------------------------------------ imported sets (mkdt import)
@@ -663,22 +775,31 @@ class RunDir:
             metadata,
         )
 
-    def load_imported(self, name: str, lr: float) -> SyntheticSet:
-        """Imported set ``name`` at its learned lr, or else at ``lr``; ArtifactError naming the
-        ``mkdt import`` command when it is absent or was imported against other teacher targets."""
+    def require_imported(self, name: str, *, same_targets: bool = True) -> dict[str, Any]:
+        """The metadata of imported set ``name`` (read from the file's header alone); ArtifactError
+        naming the ``mkdt import`` command when it is absent or, with ``same_targets``, was
+        imported against other teacher targets than the finished targets stage's."""
         path = self.imported_path(name)
         if not path.is_file():
             raise ArtifactError(
                 f"no imported set {name} in {self.path} ({path} is missing); run "
                 f"`mkdt import {name} SOURCE --out {self.path}` first"
             )
-        tensors, meta = load_tensors(path)
-        if meta.get("targets_sha256") != self.targets_sha256():
+        meta = read_metadata(path)
+        if same_targets and meta.get("targets_sha256") != self.targets_sha256():
             raise ArtifactError(
                 f"{path} was imported against other teacher targets (the targets stage was redone "
                 f"since); import it again with `mkdt import {name} {meta.get('source', 'SOURCE')} "
                 f"--out {self.path} --force`"
             )
+        return meta
+
+    def load_imported(self, name: str, lr: float) -> SyntheticSet:
+        """Imported set ``name`` at its learned lr, or else at ``lr``; ArtifactError naming the
+        ``mkdt import`` command when it is absent or was imported against other teacher targets
+        (:meth:`require_imported`)."""
+        meta = self.require_imported(name)
+        tensors = load_tensors(self.imported_path(name))[0]
         step = float(tensors["lr"]) if meta.get("lr") == "learned" else lr
         return SyntheticSet(tensors["images"], tensors["targets"], step)
 

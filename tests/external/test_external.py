@@ -338,10 +338,9 @@ def test_imported_methods_are_checked_at_config_load_and_before_compute(setting,
     _one_line_error(ArtifactError, "run `mkdt import nope SOURCE --out", lambda: evaluate.run(config, out))
     (tmp_path / "list.json").write_text(json.dumps(INDICES))
     import_set(s.config, out, "nope", tmp_path / "list.json")
-    targets_record = out / "targets" / "stage.json"
-    record = read_json(targets_record)
-    record["artifacts"]["targets/targets.safetensors"]["sha256"] = "0" * 64  # as if redone
-    targets_record.write_text(json.dumps(record))
+    store, record = RunDir(out), read_json(out / "targets" / "stage.json")
+    store.save_targets(s.z + 1)  # as if redone into other targets, recorded as such
+    store.finish("targets", record["defining"], record["seconds"], record["result"], (store.targets_path,))
     _one_line_error(ArtifactError, "other teacher targets.*--force", lambda: evaluate.run(config, out))
 
 

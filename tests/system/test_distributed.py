@@ -127,6 +127,27 @@ def test_evaluation_under_torchrun_gives_the_single_process_table(tmp_path):
     assert (two / "results.md").read_text() == (tmp_path / "one" / "results.md").read_text()
 
 
+def _children(pid: int) -> list[int]:
+    """The processes whose parent is ``pid`` (from /proc)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            parent = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        if parent == pid:
+            found.append(int(stat.parent.name))
+    return found
+
+
+def _alive(pid: int) -> bool:
+    """Whether process ``pid`` exists and has not exited (a zombie has)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
 def test_a_killed_torchrun_job_resumes_with_the_same_command(tmp_path):
     import signal
     import time
@@ -144,8 +165,14 @@ def test_a_killed_torchrun_job_resumes_with_the_same_command(tmp_path):
         assert time.monotonic() < deadline
         time.sleep(0.01)
     assert job.poll() is None, "the job ended before distillation checkpointed"
-    os.killpg(job.pid, signal.SIGKILL)  # the launcher and both ranks
+    ranks = _children(job.pid)  # torchrun starts each rank in a session of its own
+    os.killpg(job.pid, signal.SIGKILL)  # the launcher
+    for rank in ranks:
+        os.kill(rank, signal.SIGKILL)
     job.wait()
+    while any(_alive(rank) for rank in ranks):
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
     assert not (tmp_path / "run/distill/stage.json").exists()
     _torchrun(*_mkdt(tmp_path / "run", tmp_path / "cache"))
     assert (tmp_path / "run/evaluate/stage.json").is_file()

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import functools
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -81,6 +81,37 @@ def check_disk(store: RunDir, needed: int, what: str) -> None:
         )
 
 
+def prerequisites(config: Config, stage: str) -> list[str]:
+    """The stages whose artifacts ``stage`` depends on under ``config``: those it reads (in its
+    declaration's order), then those they read, recursively, in pipeline order (distill reads the
+    experts and the targets through init)."""
+    direct = list(STAGES[stage].inputs(config))
+    found, pending = set(direct), list(direct)
+    while pending:
+        for upstream in STAGES[pending.pop()].inputs(config):
+            if upstream not in found:
+                found.add(upstream)
+                pending.append(upstream)
+    return direct + [name for name in STAGES if name in found and name not in direct]
+
+
+def require_prerequisites(
+    config: Config,
+    store: RunDir,
+    stage: str,
+    made: Iterable[str] = (),
+    command: Callable[[str], str] = lambda stage: STAGES[stage].command,
+) -> None:
+    """ArtifactError, naming ``command(prerequisite)`` when one has not finished, unless every
+    prerequisite of ``stage`` (:func:`prerequisites`) other than those in ``made`` (stages that
+    run before it in the same command) has finished with this config's definition and still has
+    the artifacts it recorded, at their sizes and sha256 (:meth:`RunDir.require`)."""
+    made = set(made)
+    for upstream in prerequisites(config, stage):
+        if upstream not in made:
+            store.require(upstream, defining(config, upstream), command(upstream))
+
+
 class StageContext:
     """One stage's run: ``config``, the run directory ``store``, the stage's definition ``spec``,
     and the ``runtime`` and D_real (``real``), taken from the caller or built on first use."""
@@ -114,9 +145,9 @@ class StageContext:
 
     def finished(self, force: bool, scratch: tuple[Path, ...] = ()) -> dict[str, Any] | None:
         """The record when the stage already finished with this definition and its artifacts are
-        intact (skip it); else None, after checking the sizes against D_real, that every stage it
-        reads has finished with a matching definition and intact artifacts, that the run
-        directory is writable and that it has room for this stage's artifacts."""
+        intact (skip it); else None, after checking the sizes against D_real, its prerequisites
+        (:func:`require_prerequisites`), that the run directory is writable and that it has room
+        for this stage's artifacts."""
         check_budgets(self.config, self.real.data, [self.stage])
         rt = self.runtime
         if force:  # rank 0 alone removes the old record and scratch files
@@ -125,8 +156,7 @@ class StageContext:
             rt.barrier()
         elif (done := self.store.finished_or_reset(self.stage, self.spec, False)) is not None:
             return done
-        for upstream in STAGES[self.stage].inputs(self.config):
-            self.store.require(upstream, defining(self.config, upstream), STAGES[upstream].command)
+        require_prerequisites(self.config, self.store, self.stage)
         if rt.is_main:
             self.store.prepare()
         rt.barrier()
