@@ -480,6 +480,10 @@ class RunDir:
         """``experts/expert_KKKK.safetensors`` of expert k."""
         return self.stage_dir("experts") / f"expert_{k:04d}.safetensors"
 
+    def expert_paths(self) -> list[Path]:
+        """Every expert file in ``experts/``, whatever the number of experts it was made for."""
+        return sorted(self.stage_dir("experts").glob("expert_*.safetensors"))
+
     def save_expert(self, k: int, trajectory: Trajectory, fp: str, metadata: dict[str, Any]) -> None:
         """Expert k's trajectory, tagged with the experts' fingerprint ``fp``."""
         save_tensors(

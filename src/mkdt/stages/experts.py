@@ -54,7 +54,7 @@ def run(
     """Train the missing experts of this rank; record the stage when all exist."""
     ctx = StageContext(STAGE, config, out, real, runtime)
     store = ctx.store
-    old = tuple(store.stage_dir(STAGE).glob("expert_*.safetensors"))
+    old = tuple(store.expert_paths())
     if (done := ctx.finished(force, old)) is not None:
         return done
     rt, e, fp = ctx.runtime, config.experts, fingerprint(ctx.spec)
