@@ -243,6 +243,21 @@ def load_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
 
 def read_metadata(path: Path) -> dict[str, Any]:
     """The ``mkdt`` metadata of a :func:`save_tensors` file, read from its header alone."""
+    header = _read_header(path)
+    try:
+        metadata: dict[str, Any] = json.loads(header.get("__metadata__", {}).get(METADATA_KEY, "{}"))
+        return metadata
+    except (ValueError, AttributeError) as exc:
+        raise ArtifactError(f"corrupt artifact {path} ({exc})") from None
+
+
+def read_tensor_names(path: Path) -> set[str]:
+    """The names of the tensors in a :func:`save_tensors` file, read from its header alone."""
+    return set(_read_header(path)) - {"__metadata__"}
+
+
+def _read_header(path: Path) -> dict[str, Any]:
+    """The JSON header of a safetensors file; ArtifactError when it is missing or unreadable."""
     if not path.is_file():
         raise ArtifactError(f"missing artifact {path}")
     try:
@@ -251,9 +266,10 @@ def read_metadata(path: Path) -> dict[str, Any]:
             if header_len > path.stat().st_size:
                 raise ValueError("header longer than the file")
             header = json.loads(fh.read(header_len))
-        metadata: dict[str, Any] = json.loads(header.get("__metadata__", {}).get(METADATA_KEY, "{}"))
-        return metadata
-    except (OSError, ValueError, AttributeError) as exc:
+        if not isinstance(header, dict):
+            raise ValueError("the header is not a mapping")
+        return header
+    except (OSError, ValueError) as exc:
         raise ArtifactError(f"corrupt artifact {path} ({exc})") from None
 
 

@@ -5,7 +5,8 @@ A command runs in three phases, so that a refused command changes nothing on dis
 
 1. :func:`check`: every check that can run before compute, nothing written: the config against
    D_real, every finished stage's definition and artifacts (sizes and sha256), the prerequisites
-   of the stages that run, the sets the evaluation imports, and what ``--repair`` will delete;
+   of the stages that run or that a finished stage extends, a ``teacher.checkpoint``, the
+   evaluation's tasks, the sets the evaluation imports, and what ``--repair`` will delete;
 2. :func:`prepare` (rank 0): the folder made writable and checked for room, ``config.yaml``
    written, the records that ``--force`` invalidates dropped;
 3. :func:`run_planned`: the stages run in order, with ``--repair``'s deletions (decided by
@@ -26,12 +27,14 @@ from typing import Any
 
 from mkdt.analysis.trajectories import check_window
 from mkdt.config import Config, config_to_dict, dump_config
+from mkdt.config.schema import parse_task
 from mkdt.data.real import RealData, load_real
-from mkdt.downstream import available_tasks, window_summary
+from mkdt.downstream import available_tasks, load_task, window_summary
 from mkdt.errors import ArtifactError
-from mkdt.files import logged_to, write_text
+from mkdt.files import logged_to, read_tensor_names, write_text
 from mkdt.graph import STAGES, defining, later_stages
 from mkdt.methods import parse_method
+from mkdt.nn.loading import load_encoder
 from mkdt.runtime import Runtime
 from mkdt.stages import distill, evaluate, experts, init, targets, teacher
 from mkdt.stages.context import check_budgets, check_disk, estimated_bytes, require_prerequisites
@@ -96,11 +99,14 @@ def check(config: Config, out: str | Path, stages: list[str], *, force: bool, re
     and load D_real, check the sizes it must satisfy, that every requested stage that already
     finished was made with this config and still has its artifacts (:func:`_check_finished`;
     ``force`` checks none), which stages run (with ``repair`` the damaged ones too), that the
-    prerequisites of each were made with this config and are intact unless an earlier stage of
-    the command makes them (:func:`mkdt.stages.context.require_prerequisites`), the files of the
-    evaluation's tasks when it runs (``evaluate.missing_tasks=error``: ConfigError for a missing
-    one) and the sets it reads that no stage of the command makes (:func:`_check_sets`), and the
-    bytes the running stages will write. Raises the first failed check's MkdtError."""
+    prerequisites of each, and of each finished stage the command extends, were made with this
+    config and are intact unless an earlier stage of the command makes them
+    (:func:`_check_prerequisites`), that ``teacher.checkpoint`` loads into the configured network
+    when the teacher stage runs, the evaluation's tasks when it runs
+    (``evaluate.missing_tasks=error``: ConfigError for a missing one; each found one loaded,
+    :func:`_check_tasks`) and the sets it reads that no stage of the command makes
+    (:func:`_check_sets`), and the bytes the running stages will write. Raises the first failed
+    check's MkdtError."""
     store = RunDir(out)
     names = [name for name in STAGES if name in stages]
     runtime = Runtime.create(config.device, config.precision, config.channels_last, config.compile)
@@ -108,13 +114,13 @@ def check(config: Config, out: str | Path, stages: list[str], *, force: bool, re
     check_budgets(config, real.data, names)
     repairs = {} if force else _check_finished(config, store, names, repair)
     todo = [name for name in names if force or name in repairs or store.record(name) is None]
-    for i, name in enumerate(todo):
-        require_prerequisites(
-            config, store, name, todo[:i], lambda stage: f"{STAGES[stage].command} --out {store.path}"
-        )
-    skipped = {}
+    _check_prerequisites(config, store, names, todo)
+    if "teacher" in todo and config.teacher.checkpoint is not None:
+        load_encoder(Path(config.teacher.checkpoint).expanduser(), config.teacher.model, *_shape(real))
+    skipped: dict[str, str] = {}
     if "evaluate" in todo:
-        skipped = available_tasks(config)[1]
+        present, skipped = available_tasks(config)
+        _check_tasks(config, present, real)
         _check_sets(config, store, names, todo)
     needed = sum(estimated_bytes(config, real.data, name) for name in todo)
     return Plan(
@@ -150,13 +156,64 @@ def _check_finished(config: Config, store: RunDir, names: list[str], repair: boo
     return repairs
 
 
+def _check_prerequisites(config: Config, store: RunDir, names: list[str], todo: list[str]) -> None:
+    """Check the prerequisites of each stage that runs or extends a finished stage
+    (:func:`_extends`), except those an earlier stage of the command makes
+    (:func:`mkdt.stages.context.require_prerequisites`), and, when the init stage is not part of
+    the command, that its finished subsets include those the distill stage starts from
+    (``distill.init`` and ``distill.variants``) when it runs or extends."""
+    order = list(STAGES)
+    reading = [name for name in names if name in todo or _extends(config, store, name)]
+    for name in reading:
+        made = [stage for stage in todo if order.index(stage) < order.index(name)]
+        require_prerequisites(
+            config, store, name, made, lambda stage: f"{STAGES[stage].command} --out {store.path}"
+        )
+    if "distill" in reading and "init" not in names:
+        store.load_indices(config.init.images, {config.distill.init, *config.distill.variants})
+
+
+def _shape(real: RealData) -> tuple[int, int]:
+    """D_real's channels and image size, which a loaded teacher checkpoint must fit."""
+    return real.data.channels, real.data.image_size
+
+
+def _extends(config: Config, store: RunDir, name: str) -> bool:
+    """Whether the finished stage ``name`` adds to its artifacts when it is run again with this
+    config, and so reads its prerequisites: an init made before the SAS subset existed (the SAS
+    subset is added), a distill stage whose record lacks a variant of ``distill.variants``."""
+    if not store.is_done(name, defining(config, name)):
+        return False
+    if name == "init":
+        return "sas" not in read_tensor_names(store.indices_path)
+    if name == "distill":
+        made = (store.record(name) or {}).get("result", {}).get("variants", {})
+        return any(init not in made for init in config.distill.variants)
+    return False
+
+
+def _check_tasks(config: Config, present: list[str], real: RealData) -> None:
+    """Load each evaluation task other than D_real's own dataset (already loaded) as the
+    evaluation will, so that a damaged one is refused before anything is written: DataError or
+    ConfigError. The decoded tensors go to the dataset cache (``data.cache_dir``), so the
+    evaluation reads them from there."""
+    for entry in present:
+        if parse_task(entry) != (config.data.name, None):
+            load_task(config, entry, real.data)
+
+
 def _check_sets(config: Config, store: RunDir, names: list[str], todo: list[str]) -> None:
     """Check that the evaluation's pre-training sets that no stage of this command makes are
     there: imported sets (``ext:NAME``; imported against the finished targets unless the command
     redoes them), the MTT-SSL set of ``mkdt analyze mtt``, and, when the distill stage is not
-    part of the command, the variants it made. Raises ArtifactError naming the command that
-    makes a missing one."""
-    for method in map(parse_method, config.evaluate.methods):
+    part of the command, the variants it made, and, when the init stage is not part of the
+    command, the init subsets it reads (an init made before the SAS subset existed lacks it).
+    Raises ArtifactError naming the command that makes a missing one."""
+    methods = list(map(parse_method, config.evaluate.methods))
+    subsets = {m.subset for m in methods if m.source == "init" and m.subset is not None}
+    if "init" not in names and subsets:
+        store.load_indices(config.init.images, subsets)
+    for method in methods:
         if method.external is not None:
             store.require_imported(method.external, same_targets="targets" not in todo)
         elif method.source == "mtt":

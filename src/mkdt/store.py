@@ -22,6 +22,7 @@ Stages talk to each other only through this store. Layout of a run directory ``O
     OUT/evaluate/partial.json                finished (method, seed) evaluations
     OUT/results.json, OUT/results.md         the evaluation's records and table
     OUT/imported/<name>.safetensors          a set of ``mkdt import``, evaluated as ``ext:<name>``
+    OUT/imported/<name>.json                 its size and sha256, checked before it is read
     OUT/analysis/<name>.md, .json, .png      ``mkdt analyze <name>``'s table, numbers and plot:
                                              trajectories, window (the window check of ``mkdt run``),
                                              replay (md and json), variance, mtt
@@ -770,19 +771,30 @@ class RunDir:
         sha: str | None = artifacts.get(str(self.targets_path.relative_to(self.path)), {}).get("sha256")
         return sha
 
+    def imported_record_path(self, name: str) -> Path:
+        """``imported/<name>.json``: the size and sha256 of imported set ``name`` as ``mkdt import``
+        wrote it, checked before the set is read (:meth:`require_imported`)."""
+        return self.path / "imported" / f"{name}.json"
+
     def save_imported(self, name: str, synthetic: SyntheticSet, metadata: dict[str, Any]) -> None:
         """Imported set ``name``; ``metadata`` holds ``mean``/``std``, its source, ``lr`` ("learned":
-        pre-train at the stored lr, else at ``evaluate.lr``) and the run's ``targets_sha256``."""
+        pre-train at the stored lr, else at ``evaluate.lr``) and the run's ``targets_sha256``. Its
+        size and sha256 are then written to :meth:`imported_record_path`."""
+        path = self.imported_path(name)
         save_tensors(
-            self.imported_path(name),
+            path,
             {"images": synthetic.images, "targets": synthetic.targets, "lr": torch.tensor(synthetic.lr)},
             metadata,
         )
+        record = {"size": path.stat().st_size, "sha256": file_sha256(path)}
+        write_json(self.imported_record_path(name), record)
 
     def require_imported(self, name: str, *, same_targets: bool = True) -> dict[str, Any]:
         """The metadata of imported set ``name`` (read from the file's header alone); ArtifactError
-        naming the ``mkdt import`` command when it is absent or, with ``same_targets``, was
-        imported against other teacher targets than the finished targets stage's."""
+        naming the ``mkdt import`` command when it is absent, is not the file ``mkdt import``
+        wrote (another size or sha256 than :meth:`imported_record_path` holds; a set imported
+        before the record existed has none to check) or, with ``same_targets``, was imported
+        against other teacher targets than the finished targets stage's."""
         path = self.imported_path(name)
         if not path.is_file():
             raise ArtifactError(
@@ -790,6 +802,11 @@ class RunDir:
                 f"`mkdt import {name} SOURCE --out {self.path}` first"
             )
         meta = read_metadata(path)
+        if (problem := self._imported_problem(name)) is not None:
+            raise ArtifactError(
+                f"{path} is {problem}; import it again with `mkdt import {name} "
+                f"{meta.get('source', 'SOURCE')} --out {self.path} --force`"
+            )
         if same_targets and meta.get("targets_sha256") != self.targets_sha256():
             raise ArtifactError(
                 f"{path} was imported against other teacher targets (the targets stage was redone "
@@ -797,6 +814,14 @@ class RunDir:
                 f"--out {self.path} --force`"
             )
         return meta
+
+    def _imported_problem(self, name: str) -> str | None:
+        """How imported set ``name`` differs from the file ``mkdt import`` recorded, or None (also
+        for a set imported before the record existed)."""
+        record_path = self.imported_record_path(name)
+        if not record_path.is_file():
+            return None
+        return self._problem(str(self.imported_path(name).relative_to(self.path)), read_json(record_path))
 
     def load_imported(self, name: str, lr: float) -> SyntheticSet:
         """Imported set ``name`` at its learned lr, or else at ``lr``; ArtifactError naming the

@@ -257,9 +257,11 @@ def test_bad_input_gives_one_line_and_changes_nothing(finished, case, fragment, 
     assert "Traceback" not in err
     if before is not None:
         assert _snapshot(Path(out)) == before
-    else:  # a fresh run directory: nothing but possibly the folder and config.yaml
+    elif case == "full disk while writing":  # a fault during compute: no artifact was made
         made = list(Path(out).rglob("*.safetensors")) if Path(out).is_dir() else []
         assert made == []
+    else:  # a fresh run directory: every check comes before it is made, so it is not
+        assert not Path(out).is_dir()
 
 
 def test_there_are_at_least_40_bad_inputs():

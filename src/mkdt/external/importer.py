@@ -14,7 +14,9 @@ Step size: a set from another mkdt run is pre-trained at its learned alpha_syn (
 method is); every other set at ``evaluate.lr`` (as the real subsets are), read when evaluating.
 The metadata records the source (path, kind, scale, sha256), where the targets came from, D_real's
 ``mean``/``std`` and the sha256 of the run's targets file: a set imported before the targets stage
-was redone is refused by the evaluation. Importing forgets the finished evaluations of
+was redone is refused by the evaluation. The set's size and sha256 go to ``RUN/imported/NAME.json``
+(:meth:`mkdt.store.RunDir.save_imported`), and a set that no longer matches them is refused before
+the evaluation reads it. Importing forgets the finished evaluations of
 ``ext:NAME`` (its entries in ``evaluate/partial.json``, and the evaluate stage's record when that
 evaluated it), so the next ``mkdt evaluate`` pre-trains on the new set alone.
 """
