@@ -1,6 +1,6 @@
 # make demo : create .venv, install mkdt, run the whole pipeline on the embedded digits data
 # make test : create .venv, install mkdt with test tools, run ruff (lint + format), mypy and the test suite (what CI runs)
-# make quick: the test suite without the tests marked slow (a loop of about 2 minutes)
+# make quick: the test suite without the tests marked slow, on 2 processes (a loop of about 2 minutes)
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -25,7 +25,7 @@ test: install
 	$(BIN)/python -m pytest -q
 
 quick: install
-	$(BIN)/python -m pytest -q -m "not slow"
+	$(BIN)/python -m pytest -q -m "not slow" -n 2
 
 clean:
 	rm -rf runs .pytest_cache
