@@ -163,6 +163,7 @@ def _holder(out: Path) -> dict[str, object]:
     return holder
 
 
+@pytest.mark.slow  # two real mkdt runs, one killed
 def test_one_process_per_run_directory_and_a_killed_holders_lock_is_taken_over(finished, tmp_path):
     out, cache = tmp_path / "run", finished.parent / "cache"
     first = subprocess.Popen(  # kept busy: each artifact write held open for a second
