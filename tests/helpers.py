@@ -37,6 +37,7 @@ TINY = [
     "evaluate.epochs=2",
     "evaluate.seeds=2",
     "evaluate.label_fractions=[0.1,0.5]",
+    "evaluate.selection=fixed",  # the tuned protocol has its own tests (tests/stages/test_tuned.py)
 ]
 
 

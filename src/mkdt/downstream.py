@@ -16,6 +16,7 @@ and ``(..., "batches")``: the same for every method too.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -73,6 +74,32 @@ def student_model(config: Config) -> ModelConfig:
     return config.evaluate.model or config.experts.student
 
 
+def student_streams(config: Config, method: str, seed: int) -> tuple[int, int]:
+    """The seeds of the (method, seed) student's initialisation and batch order.
+
+    Under ``evaluate.selection=tuned`` they are ``derive_seed(seed, "evaluate", s, "init")`` and
+    ``(..., "batches")``: common random numbers, the same for every method and step size, so the
+    methods' differences at one seed are paired. Under ``fixed`` each method draws its own
+    (``derive_seed(seed, "evaluate", method, s, ...)``), as before the tuned protocol existed."""
+    key = () if config.evaluate.selection == "tuned" else (method,)
+    return (
+        derive_seed(config.seed, "evaluate", *key, seed, "init"),
+        derive_seed(config.seed, "evaluate", *key, seed, "batches"),
+    )
+
+
+def candidate_lrs(config: Config, method: str, pset: SyntheticSet | None) -> list[float]:
+    """The pre-training step sizes tried for a set, ascending: under ``fixed`` its own
+    (``pset.lr``); under ``tuned`` ``evaluate.lr_grid``, plus the set's own learned step size
+    for a distilled, imported or lr-matched set. [] without a set (no pre-training)."""
+    if pset is None:
+        return []
+    if config.evaluate.selection == "fixed":
+        return [pset.lr]
+    own = {pset.lr} if parse_method(method).step_size in ("alpha", "own") else set()
+    return sorted(set(config.evaluate.lr_grid) | own)
+
+
 def pretrain(
     config: Config,
     method: str,
@@ -81,21 +108,26 @@ def pretrain(
     data: ImageData,
     out_dim: int,
     runtime: Runtime,
+    lr: float | None = None,
 ) -> tuple[nn.Module, list[float]]:
-    """A fresh student for (method, seed) KD-trained on ``pset`` (left at its init when None).
+    """A fresh student for (method, seed) KD-trained on ``pset`` at step size ``lr`` (default: the
+    set's own, ``pset.lr``), or left at its init when ``pset`` is None; seeds from
+    :func:`student_streams`.
 
     Returns the student (on the device) and its mean KD loss per epoch ([] without training).
     """
     device = runtime.device
-    with seeded(derive_seed(config.seed, "evaluate", method, seed, "init")):
+    init_seed, batch_seed = student_streams(config, method, seed)
+    with seeded(init_seed):
         student = build_network(student_model(config), data.channels, data.image_size, out_dim).to(device)
     if pset is None:
         return student, []
     v = config.evaluate
+    step = pset.lr if lr is None else lr
     recipe = KDRecipe(
-        epochs=v.epochs, lr=pset.lr, momentum=v.momentum, weight_decay=v.weight_decay, batch_size=v.batch_size
+        epochs=v.epochs, lr=step, momentum=v.momentum, weight_decay=v.weight_decay, batch_size=v.batch_size
     )
-    gen = generator(derive_seed(config.seed, "evaluate", method, seed, "batches"), device)
+    gen = generator(batch_seed, device)
     trajectory = train_student(
         student,
         pset.images.to(device),
@@ -103,13 +135,20 @@ def pretrain(
         recipe,
         [v.epochs],
         gen,
-        desc=f"pre-train {method} (seed {seed})",
+        desc=f"pre-train {method} (seed {seed}, lr {step:.4g})",
         runtime=runtime,
-        lr_key=f"distill.lr_lr ({method} pre-trains at MKDT's learned alpha_syn)"
-        if parse_method(method).distilled_step
-        else "evaluate.lr",
+        lr_key=lr_key(config, method),
     )
     return student, trajectory.loss.tolist()
+
+
+def lr_key(config: Config, method: str) -> str:
+    """The config key that sets ``method``'s pre-training step size (named when it diverges)."""
+    if config.evaluate.selection == "tuned":
+        return "evaluate.lr_grid (a diverged step size is left out of the choice)"
+    if parse_method(method).distilled_step:
+        return f"distill.lr_lr ({method} pre-trains at MKDT's learned alpha_syn)"
+    return "evaluate.lr"
 
 
 def task_names(config: Config) -> list[str]:
@@ -238,18 +277,140 @@ def task_labels(
     return labelled_subset(task, fraction, config.evaluate.class_balanced, stream)
 
 
+def validation_split(
+    labels: torch.Tensor, fraction: float, num_classes: int, seed: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(fit, held-out) indices into ``labels``: of each class with n >= 2 labelled images,
+    ``max(1, min(n - 1, round(fraction * n)))`` drawn from ``seed`` are held out; a class with one
+    image stays in the fit part. Both index tensors are sorted."""
+    gen = torch.Generator().manual_seed(seed)
+    held = []
+    for label in range(num_classes):
+        members = (labels == label).nonzero().flatten()
+        n = len(members)
+        if n >= 2:
+            k = max(1, min(n - 1, round(fraction * n)))
+            held.append(members[torch.randperm(n, generator=gen)[:k]])
+    out = torch.zeros(len(labels), dtype=torch.bool)
+    if held:
+        out[torch.cat(held)] = True
+    return (~out).nonzero().flatten(), out.nonzero().flatten()
+
+
+def task_validation_split(
+    config: Config, name: str, task: ImageData, fraction: float, seed: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The (fit, held-out) split of :func:`task_labels` of ``name`` at ``fraction`` for evaluation
+    seed ``seed``, drawn from ``derive_seed(seed, "validation", task, fraction, s)``: the same for
+    every method and step size. DataError when nothing can be held out (every class has a single
+    labelled image)."""
+    _, labels = task_labels(config, name, task, fraction, seed)
+    stream = derive_seed(config.seed, "validation", name, fraction, seed)
+    fit, held = validation_split(labels, config.evaluate.validation_fraction, task.num_classes, stream)
+    if len(held) == 0:
+        raise DataError(
+            f"task {name!r} at label fraction {fraction:g} has {len(labels)} labelled image(s), one per "
+            "class at most, so none can be held out to choose the step size; raise "
+            "evaluate.label_fractions or use evaluate.selection=fixed"
+        )
+    return fit, held
+
+
+def check_validation_splits(config: Config, name: str, task: ImageData) -> None:
+    """DataError (:func:`task_validation_split`) when some label fraction and seed of task
+    ``name`` leave nothing to hold out; run before any compute under the tuned protocol."""
+    for fraction in config.evaluate.label_fractions:
+        for seed in range(config.evaluate.seeds):
+            task_validation_split(config, name, task, fraction, seed)
+
+
+def probe_accuracy(
+    config: Config,
+    train: tuple[torch.Tensor, torch.Tensor],
+    test: tuple[torch.Tensor, torch.Tensor],
+    num_classes: int,
+    device: torch.device,
+) -> float:
+    """Accuracy (percent) on ``test`` (features, labels) of the probe fitted on ``train``."""
+    v = config.evaluate
+    accuracy = linear_probe(
+        *train, *test, num_classes=num_classes, l2=v.probe_l2, max_iter=v.probe_max_iter, device=device
+    )
+    return 100 * accuracy
+
+
+def tuned_probe(
+    config: Config,
+    students: dict[float, nn.Module],
+    tasks: dict[str, ImageData],
+    seed: int,
+    reference: ImageData,
+    device: torch.device,
+) -> list[dict[str, Any]]:
+    """The tuned protocol's probes of one (method, seed), ``students`` by pre-training step size
+    (ascending; diverged ones left out). For every task and fraction: probe each student on the fit
+    part of the labelled images (:func:`task_validation_split`), keep the step size with the best
+    held-out accuracy (the smallest on a tie), refit its probe on all the labelled images and
+    measure the test accuracy once. Records as :func:`probe`'s plus ``lr`` (the chosen step
+    size), ``lr_candidates``, ``val_accuracies`` (percent, in the candidates' order) and
+    ``num_val``."""
+    v, results = config.evaluate, []
+    for name, task in tasks.items():
+        test_x: dict[float, torch.Tensor] = {}
+        for fraction in v.label_fractions:
+            images, labels = task_labels(config, name, task, fraction, seed)
+            fit, held = task_validation_split(config, name, task, fraction, seed)
+            features = {
+                lr: encode(s, images.to(device), v.batch_size, normalize=reference.normalize)
+                for lr, s in students.items()
+            }
+            val = {
+                lr: probe_accuracy(
+                    config, (x[fit], labels[fit]), (x[held], labels[held]), task.num_classes, device
+                )
+                for lr, x in features.items()
+            }
+            chosen = max(val, key=val.__getitem__)
+            if chosen not in test_x:
+                test_x[chosen] = encode(
+                    students[chosen], task.test_images.to(device), v.batch_size, normalize=reference.normalize
+                )
+            accuracy = probe_accuracy(
+                config,
+                (features[chosen], labels),
+                (test_x[chosen], task.test_labels),
+                task.num_classes,
+                device,
+            )
+            results.append(
+                {
+                    "task": name,
+                    "label_fraction": fraction,
+                    "accuracy": accuracy,
+                    "num_labels": len(labels),
+                    "protocol": "probe",
+                    "lr": chosen,
+                    "lr_candidates": list(val),
+                    "val_accuracies": list(val.values()),
+                    "num_val": len(held),
+                }
+            )
+    return results
+
+
 def finetune(
     config: Config,
-    student: nn.Module,
+    student_for: Callable[[str, float], nn.Module],
     tasks: dict[str, ImageData],
     seed: int,
     reference: ImageData,
     runtime: Runtime,
 ) -> list[dict[str, Any]]:
-    """Fine-tune a copy of the student (left unchanged) with a new linear head on every task and
-    fraction, on the probe's labelled images, by ``evaluate.finetune``'s recipe: [{"task",
-    "label_fraction", "accuracy" (percent, on the test split), "num_labels", "protocol":
-    "finetune"}]."""
+    """Fine-tune a copy of ``student_for(task, fraction)`` (left unchanged: the student of one
+    pre-training, or the tuned protocol's choice for that task and fraction) with a new linear
+    head on every task and fraction, on the probe's labelled images, by ``evaluate.finetune``'s
+    recipe: [{"task", "label_fraction", "accuracy" (percent, on the test split), "num_labels",
+    "protocol": "finetune"}]."""
     v, f, device, results = config.evaluate, config.evaluate.finetune, runtime.device, []
     recipe = FinetuneRecipe(
         steps=f.steps,
@@ -265,7 +426,7 @@ def finetune(
             images, labels = task_labels(config, name, task, fraction, seed)
             stream = (config.seed, "finetune", name, fraction, seed)
             model = fine_tune(
-                student,
+                student_for(name, fraction),
                 images.to(device),
                 labels.to(device),
                 task.num_classes,

@@ -178,6 +178,9 @@ def _resolved(config: Config, stage: str, own: dict[str, Any]) -> dict[str, Any]
 def _put_protocols(config: Config, evaluate: dict[str, Any]) -> None:
     """Replace ``protocols`` and ``finetune`` in the evaluation's definition ``evaluate`` by what
     defines its results (see the module docstring)."""
+    if config.evaluate.selection == "fixed":  # the definition of runs made before tuning existed
+        for key in ("selection", "lr_grid", "validation_fraction"):
+            evaluate.pop(key, None)
     evaluate.pop("protocols", None)
     evaluate.pop("finetune", None)
     protocols = [p for p in PROTOCOLS if p in config.evaluate.protocols]

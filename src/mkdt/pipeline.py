@@ -29,7 +29,7 @@ from mkdt.analysis.trajectories import check_window
 from mkdt.config import Config, config_to_dict, dump_config
 from mkdt.config.schema import parse_task
 from mkdt.data.real import RealData, load_real
-from mkdt.downstream import available_tasks, load_task, window_summary
+from mkdt.downstream import available_tasks, check_validation_splits, load_task, window_summary
 from mkdt.errors import ArtifactError
 from mkdt.files import logged_to, read_tensor_names, write_text
 from mkdt.graph import STAGES, defining, later_stages
@@ -196,10 +196,15 @@ def _check_tasks(config: Config, present: list[str], real: RealData) -> None:
     """Load each evaluation task other than D_real's own dataset (already loaded) as the
     evaluation will, so that a damaged one is refused before anything is written: DataError or
     ConfigError. The decoded tensors go to the dataset cache (``data.cache_dir``), so the
-    evaluation reads them from there."""
+    evaluation reads them from there. Under ``evaluate.selection=tuned`` every task (D_real's own
+    dataset too) must leave a held-out part of its labelled images at every fraction and seed
+    (:func:`~mkdt.downstream.check_validation_splits`)."""
+    tuned = config.evaluate.selection == "tuned"
     for entry in present:
-        if parse_task(entry) != (config.data.name, None):
-            load_task(config, entry, real.data)
+        if parse_task(entry) != (config.data.name, None) or tuned:
+            task = load_task(config, entry, real.data)
+            if tuned:
+                check_validation_splits(config, entry, task)
 
 
 def _check_sets(config: Config, store: RunDir, names: list[str], todo: list[str]) -> None:

@@ -54,17 +54,19 @@ from mkdt.data import ImageData
 from mkdt.data.real import RealData
 from mkdt.downstream import (
     available_tasks,
+    candidate_lrs,
     finetune,
     load_task,
     pretrain,
     probe,
     student_model,
+    tuned_probe,
     window_summary,
 )
 from mkdt.errors import TrainingDiverged
 from mkdt.files import fingerprint
-from mkdt.methods import INIT_METHODS, PROTOCOLS, parse_method
-from mkdt.results import build_records, mkdt_margins, results_table
+from mkdt.methods import INIT_METHODS, PROTOCOLS, method_label, method_order, parse_method
+from mkdt.results import build_records, fraction_label, mkdt_margins, results_table
 from mkdt.runtime import Runtime, progress
 from mkdt.stages.context import StageContext
 from mkdt.store import RunDir, SyntheticSet
@@ -123,13 +125,30 @@ def accuracy_phrase(config: Config) -> str:
     return f"Test accuracy (%) of the {'linear probe and of ' if both else ''}fine-tuning ({recipe})"
 
 
+def selection_phrase(config: Config) -> str:
+    """How the table's pre-training step sizes were chosen (``evaluate.selection``)."""
+    v = config.evaluate
+    if v.selection == "fixed":
+        return (
+            f"step sizes fixed as in the paper (real sets at evaluate.lr {v.lr:g}, distilled sets at "
+            "their learned alpha_syn)"
+        )
+    grid = ", ".join(f"{lr:g}" for lr in sorted(v.lr_grid))
+    return (
+        f"step size of every set tuned: pre-trained at each of {grid} (a distilled or imported set "
+        f"also at its learned one), the one with the best linear-probe accuracy on a held-out "
+        f"{100 * v.validation_fraction:g}% of the labelled images kept, then tested once; every set "
+        "uses the same student initialisations and batch orders (paired by seed)"
+    )
+
+
 def table_header(config: Config, data: ImageData, sets: dict[str, SyntheticSet | None]) -> str:
     """The line above the results table: the protocols, pre-training data, |D_syn|, seeds, learned
     lr."""
     parts = [
         f"{accuracy_phrase(config)}, mean ± std over {config.evaluate.seeds} seed(s); "
         f"{student_model(config).arch} students pre-trained on {config.data.name} "
-        f"({data.num_train} images)"
+        f"({data.num_train} images); {selection_phrase(config)}"
     ]
     if any(m.kind == "distilled" or m.name in INIT_METHODS for m in map(parse_method, sets)):
         parts.append(f"|D_syn| = {config.init.images}")
@@ -164,13 +183,15 @@ def evaluate_one(
 ) -> dict[str, Any]:
     """Pre-train the (method, seed) student and probe it on every task: the run's entry in
     partial.json; a diverged pre-training is recorded as such, without probes."""
+    if ctx.config.evaluate.selection == "tuned" and pset is not None:
+        return evaluate_tuned(ctx, method, seed, pset, tasks, out_dim)
     t0, rt = ctx.seconds(), ctx.runtime
     try:
         student, kd_loss = pretrain(ctx.config, method, seed, pset, ctx.real.data, out_dim, rt)
         seconds = ctx.seconds() - t0
         probes = probe(ctx.config, student, tasks, seed, ctx.real.data, rt.device)
         if "finetune" in ctx.config.evaluate.protocols:  # after the probe, on a copy of the student
-            probes += finetune(ctx.config, student, tasks, seed, ctx.real.data, rt)
+            probes += finetune(ctx.config, lambda *_: student, tasks, seed, ctx.real.data, rt)
         diverged = False
     except TrainingDiverged as exc:  # no accuracy is computed from a diverged encoder
         print(f"evaluate: {exc}; {method} seed {seed} is marked diverged in the results", file=sys.stderr)
@@ -182,6 +203,51 @@ def evaluate_one(
         "kd_loss": kd_loss,
         "probes": probes,
         "diverged": diverged,
+    }
+
+
+def evaluate_tuned(
+    ctx: StageContext,
+    method: str,
+    seed: int,
+    pset: SyntheticSet,
+    tasks: dict[str, ImageData],
+    out_dim: int,
+) -> dict[str, Any]:
+    """:func:`evaluate_one` under ``evaluate.selection=tuned``: pre-train a student at every
+    candidate step size (:func:`~mkdt.downstream.candidate_lrs`; a diverged one is left out of
+    the choice and listed under ``diverged_lrs``), then choose per task and fraction on held-out
+    labels (:func:`~mkdt.downstream.tuned_probe`). ``kd_loss`` maps each step size (as text) to its
+    losses per epoch; ``seconds`` is the pre-training time of all of them."""
+    t0, rt, config = ctx.seconds(), ctx.runtime, ctx.config
+    students, kd_loss, failed = {}, {}, []
+    for lr in candidate_lrs(config, method, pset):
+        try:
+            students[lr], kd_loss[f"{lr:g}"] = pretrain(
+                config, method, seed, pset, ctx.real.data, out_dim, rt, lr
+            )
+        except TrainingDiverged:
+            failed.append(lr)
+    seconds = ctx.seconds() - t0
+    if failed:
+        print(
+            f"evaluate: {method} seed {seed} diverged at step size(s) "
+            f"{', '.join(f'{lr:g}' for lr in failed)}; left out of the choice",
+            file=sys.stderr,
+        )
+    probes = tuned_probe(config, students, tasks, seed, ctx.real.data, rt.device) if students else []
+    if probes and "finetune" in config.evaluate.protocols:  # the probe's choice, on a copy
+        chosen = {(p["task"], p["label_fraction"]): p["lr"] for p in probes}
+        tuned = finetune(config, lambda t, f: students[chosen[t, f]], tasks, seed, ctx.real.data, rt)
+        probes += [{**p, "lr": chosen[p["task"], p["label_fraction"]]} for p in tuned]
+    return {
+        "method": method,
+        "seed": seed,
+        "seconds": seconds,
+        "kd_loss": kd_loss,
+        "diverged_lrs": failed,
+        "probes": probes,
+        "diverged": not students,
     }
 
 
@@ -225,11 +291,60 @@ def diverged_seeds(runs: dict[str, Any]) -> dict[str, list[int]]:
 
 
 def result_records(config: Config, runs: dict[str, Any], tasks: list[str]) -> list[dict[str, Any]]:
-    """The records (:mod:`mkdt.results`) of the runs' probes and fine-tunings."""
+    """The records (:mod:`mkdt.results`) of the runs' probes and fine-tunings, each with its
+    ``selection`` (``evaluate.selection``) and, under ``tuned``, ``lr_grid`` and per seed (in the
+    order of ``seeds``) the chosen step size ``lrs``, the ``lr_candidates`` and their
+    ``val_accuracies`` (null for no_pretrain, which has none)."""
     v = config.evaluate
     probes = [{"method": r["method"], "seed": r["seed"], **p} for r in runs.values() for p in r["probes"]]
     protocols = [p for p in PROTOCOLS if p in v.protocols]
-    return build_records(probes, v.methods, tasks, v.label_fractions, diverged_seeds(runs), protocols)
+    records = build_records(probes, v.methods, tasks, v.label_fractions, diverged_seeds(runs), protocols)
+    if v.selection == "fixed":
+        return [{**r, "selection": "fixed"} for r in records]
+    found = {
+        (p.get("protocol", "probe"), p["method"], p["task"], p["label_fraction"], p["seed"]): p
+        for p in probes
+    }
+    tuned = []
+    for r in records:
+        chosen = [found[r["protocol"], r["method"], r["task"], r["label_fraction"], s] for s in r["seeds"]]
+        tuned.append(
+            {
+                **r,
+                "selection": "tuned",
+                "lr_grid": list(v.lr_grid),
+                "lrs": [p.get("lr") for p in chosen],
+                "lr_candidates": [p.get("lr_candidates") for p in chosen],
+                "val_accuracies": [p.get("val_accuracies") for p in chosen],
+            }
+        )
+    return tuned
+
+
+def chosen_lrs_text(records: list[dict[str, Any]]) -> str:
+    """Under the tuned protocol, a markdown table of the step size each set chose per seed (label
+    fraction x method rows, one column per task, probe records); "" otherwise."""
+    rows = [r for r in records if r.get("selection") == "tuned" and r["protocol"] == "probe"]
+    rows = [r for r in rows if any(lr is not None for lr in r["lrs"])]
+    if not rows:
+        return ""
+    tasks = list(dict.fromkeys(r["task"] for r in rows))
+    cells = {
+        (r["label_fraction"], r["method"], r["task"]): ", ".join(f"{lr:.3g}" for lr in r["lrs"]) for r in rows
+    }
+    lines = [
+        "Step size chosen on held-out labels, per seed:\n",
+        "| labels | method | " + " | ".join(tasks) + " |",
+        "|---|---|" + "---|" * len(tasks),
+    ]
+    for fraction in sorted({r["label_fraction"] for r in rows}):
+        for method in sorted({r["method"] for r in rows}, key=method_order):
+            if any((fraction, method, t) in cells for t in tasks):
+                row = [cells.get((fraction, method, t), "–") for t in tasks]
+                lines.append(
+                    f"| {fraction_label(fraction)} | {method_label(method)} | " + " | ".join(row) + " |"
+                )
+    return "\n".join(lines) + "\n"
 
 
 def results_text(
@@ -243,6 +358,8 @@ def results_text(
     text = results_table(records, table_header(config, data, sets))
     if margins := mkdt_margins(records):
         text += "\n" + margins
+    if lrs := chosen_lrs_text(records):
+        text += "\n" + lrs
     if skipped:
         text += f"\nNot evaluated (files not found, evaluate.missing_tasks=skip): {', '.join(skipped)}.\n"
     return text
