@@ -34,6 +34,7 @@ SMALL = [
     "evaluate.seeds=2",
     "evaluate.label_fractions=[0.1,0.5]",
     "evaluate.probe_max_iter=30",
+    f"evaluate.methods=[{','.join(METHODS)}]",
 ]
 
 

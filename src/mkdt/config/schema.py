@@ -458,7 +458,8 @@ class EvaluateConfig:
         list(EVAL_METHODS),
         "pre-training sets to compare: "
         + ", ".join(EVAL_METHODS + OPTIONAL_METHODS)
-        + " (not run by default: mtt_ssl, the set of `mkdt analyze mtt`; mkdt_<subset>, MKDT "
+        + " (not run by default: <subset>@alpha, the lr-matched controls of the fixed protocol; "
+        "mtt_ssl, the set of `mkdt analyze mtt`; mkdt_<subset>, MKDT "
         "distilled from that init subset, listed in distill.variants), and ext:NAME for each set "
         "imported with `mkdt import NAME SOURCE`",
     )

@@ -56,6 +56,7 @@ from mkdt.downstream import (
     available_tasks,
     candidate_lrs,
     finetune,
+    learned_lrs,
     load_task,
     pretrain,
     probe,
@@ -180,11 +181,13 @@ def evaluate_one(
     pset: SyntheticSet | None,
     tasks: dict[str, ImageData],
     out_dim: int,
+    lrs: list[float],
 ) -> dict[str, Any]:
     """Pre-train the (method, seed) student and probe it on every task: the run's entry in
-    partial.json; a diverged pre-training is recorded as such, without probes."""
+    partial.json; a diverged pre-training is recorded as such, without probes. Under the tuned
+    protocol the students of every step size of ``lrs`` (:func:`evaluate_tuned`)."""
     if ctx.config.evaluate.selection == "tuned" and pset is not None:
-        return evaluate_tuned(ctx, method, seed, pset, tasks, out_dim)
+        return evaluate_tuned(ctx, method, seed, pset, tasks, out_dim, lrs)
     t0, rt = ctx.seconds(), ctx.runtime
     try:
         student, kd_loss = pretrain(ctx.config, method, seed, pset, ctx.real.data, out_dim, rt)
@@ -213,15 +216,16 @@ def evaluate_tuned(
     pset: SyntheticSet,
     tasks: dict[str, ImageData],
     out_dim: int,
+    lrs: list[float],
 ) -> dict[str, Any]:
     """:func:`evaluate_one` under ``evaluate.selection=tuned``: pre-train a student at every
-    candidate step size (:func:`~mkdt.downstream.candidate_lrs`; a diverged one is left out of
+    step size of ``lrs`` (:func:`~mkdt.downstream.candidate_lrs`; a diverged one is left out of
     the choice and listed under ``diverged_lrs``), then choose per task and fraction on held-out
     labels (:func:`~mkdt.downstream.tuned_probe`). ``kd_loss`` maps each step size (as text) to its
     losses per epoch; ``seconds`` is the pre-training time of all of them."""
     t0, rt, config = ctx.seconds(), ctx.runtime, ctx.config
     students, kd_loss, failed = {}, {}, []
-    for lr in candidate_lrs(config, method, pset):
+    for lr in lrs:
         try:
             students[lr], kd_loss[f"{lr:g}"] = pretrain(
                 config, method, seed, pset, ctx.real.data, out_dim, rt, lr
@@ -262,6 +266,8 @@ def evaluate_all(
     for this definition and ``skipped`` tasks, and the others, run now (under torch.distributed
     split between the ranks) with partial.json rewritten after each round."""
     store, rt, v = ctx.store, ctx.runtime, ctx.config.evaluate
+    learned = learned_lrs(sets)
+    lrs = {m: candidate_lrs(ctx.config, m, pset, learned) for m, pset in sets.items()}
     # a resume that finds a task skipped before starts over: its runs lack that task's probes
     fp = fingerprint({**ctx.spec, "skipped_tasks": sorted(skipped)} if skipped else ctx.spec)
     # every rank starts from rank 0's reading: rank 0 rewrites the file after each round, so a
@@ -272,7 +278,9 @@ def evaluate_all(
     rank, world = (rt.rank, rt.world) if rt.distributed else (0, 1)
     for i in progress(range(0, len(todo), world), desc="evaluate", unit="run" if world == 1 else "round"):
         mine = todo[i + rank] if i + rank < len(todo) else None
-        done = evaluate_one(ctx, mine[0], mine[1], sets[mine[0]], tasks, out_dim) if mine else None
+        done = (
+            evaluate_one(ctx, mine[0], mine[1], sets[mine[0]], tasks, out_dim, lrs[mine[0]]) if mine else None
+        )
         for run in rt.gather_objects(done):
             if run is not None:
                 runs[f"{run['method']}/{run['seed']}"] = run
