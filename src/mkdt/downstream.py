@@ -16,7 +16,7 @@ and ``(..., "batches")``: the same for every method too.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -88,31 +88,19 @@ def student_streams(config: Config, method: str, seed: int) -> tuple[int, int]:
     )
 
 
-def candidate_lrs(
-    config: Config, method: str, pset: SyntheticSet | None, learned: Iterable[float] = ()
-) -> list[float]:
+def candidate_lrs(config: Config, method: str, pset: SyntheticSet | None) -> list[float]:
     """The pre-training step sizes tried for a set, ascending: under ``fixed`` its own
-    (``pset.lr``); under ``tuned`` ``evaluate.lr_grid`` plus the ``learned`` step sizes (those of
-    every distilled or imported set of the evaluation, so that every set is tried at the same
-    ones) plus the set's own when it pre-trains at a learned one. [] without a set (no
-    pre-training)."""
+    (``pset.lr``); under ``tuned`` ``evaluate.lr_grid``, plus the set's own step size when it
+    pre-trains at a learned one (a distilled set, an lr-matched control, an imported set). [] without
+    a set (no pre-training). A set's candidates depend on it alone, so its results do not change
+    when other sets join the evaluation; the lr-matched controls ``<subset>@alpha`` try the same
+    step sizes as MKDT."""
     if pset is None:
         return []
     if config.evaluate.selection == "fixed":
         return [pset.lr]
     own = {pset.lr} if parse_method(method).step_size in ("alpha", "own") else set()
-    return sorted(set(config.evaluate.lr_grid) | set(learned) | own)
-
-
-def learned_lrs(sets: dict[str, SyntheticSet | None]) -> list[float]:
-    """The step sizes that ``sets`` (method -> set) bring of their own: those of the distilled,
-    imported and lr-matched sets, ascending."""
-    own = {
-        pset.lr
-        for name, pset in sets.items()
-        if pset is not None and parse_method(name).step_size != "eval_lr"
-    }
-    return sorted(own)
+    return sorted(set(config.evaluate.lr_grid) | own)
 
 
 def pretrain(

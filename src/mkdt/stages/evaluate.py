@@ -56,7 +56,6 @@ from mkdt.downstream import (
     available_tasks,
     candidate_lrs,
     finetune,
-    learned_lrs,
     load_task,
     pretrain,
     probe,
@@ -266,8 +265,7 @@ def evaluate_all(
     for this definition and ``skipped`` tasks, and the others, run now (under torch.distributed
     split between the ranks) with partial.json rewritten after each round."""
     store, rt, v = ctx.store, ctx.runtime, ctx.config.evaluate
-    learned = learned_lrs(sets)
-    lrs = {m: candidate_lrs(ctx.config, m, pset, learned) for m, pset in sets.items()}
+    lrs = {m: candidate_lrs(ctx.config, m, pset) for m, pset in sets.items()}
     # a resume that finds a task skipped before starts over: its runs lack that task's probes
     fp = fingerprint({**ctx.spec, "skipped_tasks": sorted(skipped)} if skipped else ctx.spec)
     # every rank starts from rank 0's reading: rank 0 rewrites the file after each round, so a
