@@ -64,7 +64,7 @@ from mkdt.downstream import (
     window_summary,
 )
 from mkdt.errors import TrainingDiverged
-from mkdt.files import fingerprint
+from mkdt.files import file_sha256, fingerprint
 from mkdt.methods import INIT_METHODS, PROTOCOLS, method_label, method_order, parse_method
 from mkdt.results import build_records, fraction_label, mkdt_margins, results_table
 from mkdt.runtime import Runtime, progress
@@ -254,6 +254,28 @@ def evaluate_tuned(
     }
 
 
+def partial_fingerprint(spec: dict[str, Any], skipped: dict[str, str]) -> str:
+    """The fingerprint of the runs partial.json may hold for the evaluation defined by ``spec``:
+    the definition without ``evaluate.methods`` (a run of one method does not depend on the others,
+    so adding a method to an evaluation reuses the finished runs), and with the ``skipped`` tasks
+    (a resume that finds a task skipped before starts over: its runs lack that task's probes)."""
+    own = {**spec, "evaluate": {k: v for k, v in spec["evaluate"].items() if k != "methods"}}
+    return fingerprint({**own, "skipped_tasks": sorted(skipped)} if skipped else own)
+
+
+def set_identities(store: RunDir, methods: list[str]) -> dict[str, str]:
+    """The sha256 of the sets that no stage definition covers, by method: ``mtt_ssl`` (made by
+    ``mkdt analyze mtt``) and ``ext:NAME`` (``mkdt import --force`` may replace it); a finished
+    run of such a set is reused only while the set is the same file."""
+    paths = {}
+    for m in map(parse_method, methods):
+        if m.source == "mtt":
+            paths[m.name] = store.mtt_ssl_path
+        elif m.external is not None:
+            paths[m.name] = store.imported_path(m.external)
+    return {name: file_sha256(path) for name, path in paths.items() if path.is_file()}
+
+
 def evaluate_all(
     ctx: StageContext,
     sets: dict[str, SyntheticSet | None],
@@ -266,11 +288,12 @@ def evaluate_all(
     split between the ranks) with partial.json rewritten after each round."""
     store, rt, v = ctx.store, ctx.runtime, ctx.config.evaluate
     lrs = {m: candidate_lrs(ctx.config, m, pset) for m, pset in sets.items()}
-    # a resume that finds a task skipped before starts over: its runs lack that task's probes
-    fp = fingerprint({**ctx.spec, "skipped_tasks": sorted(skipped)} if skipped else ctx.spec)
+    fp = partial_fingerprint(ctx.spec, skipped)
+    identity = set_identities(store, v.methods)
     # every rank starts from rank 0's reading: rank 0 rewrites the file after each round, so a
     # rank reading it later would see fewer runs to do and fall out of step
     runs: dict[str, Any] = rt.gather_objects(store.load_partial(fp) if rt.is_main else None)[0] or {}
+    runs = {key: r for key, r in runs.items() if r.get("set_sha256") == identity.get(r["method"])}
     todo = [(m, s) for m in v.methods for s in range(v.seeds) if f"{m}/{s}" not in runs]
     # under torch.distributed the ranks take turns: rank r runs todo[i + r] of each round
     rank, world = (rt.rank, rt.world) if rt.distributed else (0, 1)
@@ -279,12 +302,14 @@ def evaluate_all(
         done = (
             evaluate_one(ctx, mine[0], mine[1], sets[mine[0]], tasks, out_dim, lrs[mine[0]]) if mine else None
         )
+        if done is not None and done["method"] in identity:
+            done["set_sha256"] = identity[done["method"]]
         for run in rt.gather_objects(done):
             if run is not None:
                 runs[f"{run['method']}/{run['seed']}"] = run
         if rt.is_main:
             store.save_partial(fp, runs)
-    return runs
+    return {key: r for key, r in runs.items() if r["method"] in v.methods}
 
 
 def diverged_seeds(runs: dict[str, Any]) -> dict[str, list[int]]:
