@@ -2,6 +2,7 @@
 in any choice."""
 
 import dataclasses
+import shutil
 
 import pytest
 import torch
@@ -175,18 +176,19 @@ def test_the_fixed_protocol_keeps_its_old_definition(tuned):
 
 
 def test_adding_a_method_reuses_the_finished_runs_of_the_others(tuned, tmp_path):
-    import shutil
-
     config, run, _, _ = tuned
     out = tmp_path / "copy"
     shutil.copytree(run.path, out)
+    RunDir(out).invalidate(["evaluate"])
+    (out / "evaluate" / "partial.json").unlink()
+    first = evaluate.run(config, out)["result"]["results"]
     RunDir(out).invalidate(["evaluate"])
     more = _config(config.data.cache_dir, "evaluate.methods=[no_pretrain,random,high_loss,random@alpha,mkdt]")
     with pytest.MonkeyPatch.context() as mp:
         seen = _spy_on_pretrain(mp)
         results = evaluate.run(more, out)["result"]["results"]
     assert {(m, s) for m, s, _, _ in seen} == {("random@alpha", 0), ("random@alpha", 1)}
-    before = {(r["method"], r["label_fraction"]): r["accuracies"] for r in tuned[2]["result"]["results"]}
+    before = {(r["method"], r["label_fraction"]): r["accuracies"] for r in first}
     for r in results:
         if r["method"] != "random@alpha":
             assert r["accuracies"] == before[r["method"], r["label_fraction"]]
