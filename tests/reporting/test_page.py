@@ -18,6 +18,7 @@ from mkdt.errors import ArtifactError
 from mkdt.graph import STAGES
 from mkdt.pipeline import run_stages
 from mkdt.reporting import build_report
+from mkdt.store import RunDir
 from tests.helpers import tiny_config
 
 SETTINGS = [
@@ -73,7 +74,7 @@ def _parsed(path: Path) -> Page:
 def test_markdown_has_the_table_with_the_best_in_bold(run, report):
     text = (report / "report.md").read_text()
     rows = [line for line in text.splitlines() if re.match(r"^\| (10|50)% \|", line)]
-    assert len(rows) == len(json.loads((run / "results.json").read_text()))  # one per record
+    assert len(rows) == len(RunDir(run).load_results())  # one per record
     for fraction in ("10%", "50%"):
         bold = [r for r in rows if r.startswith(f"| {fraction} |") and "**" in r]
         assert len(bold) >= 1 and not any("full data" in r for r in bold)

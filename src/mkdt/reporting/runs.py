@@ -104,7 +104,7 @@ def read_results(store: RunDir) -> list[Record] | None:
     if not store.results_path.is_file():
         return None
     records = store.load_results()
-    if not isinstance(records, list) or not all(map(_is_result, records)):
+    if not all(map(_is_result, records)):
         raise ArtifactError(
             f"{store.results_path} does not hold result records; redo it with "
             f"`mkdt evaluate --repair --out {store.path}` (--force if that finds nothing to repair)"
