@@ -173,19 +173,17 @@ def forest_plot(comparisons: Sequence[dict[str, Any]], path: Path) -> None:
     distilled = list(dict.fromkeys(c["method"] for c in comparisons))
     for row, ((protocol, task), by_fraction) in zip(axes, panels.items(), strict=True):
         for ax, fraction in zip(row, fractions, strict=True):
-            _forest_panel(ax, by_fraction.get(fraction, []), distilled)
-            ax.set_title(
-                f"{task}, {fraction_label(fraction)} labels ({PROTOCOL_NAMES.get(protocol, protocol)})",
-                fontsize=10,
-            )
+            if fraction not in by_fraction:  # no comparison in this setting
+                ax.set_axis_off()
+                continue
+            _forest_panel(ax, by_fraction[fraction], distilled)
+            where = f"{task}, {fraction_label(fraction)} labels"
+            ax.set_title(f"{where} ({PROTOCOL_NAMES.get(protocol, protocol)})", fontsize=10)
     _save(fig, path)
 
 
 def _forest_panel(ax: Axes, comparisons: Sequence[dict[str, Any]], distilled: list[str]) -> None:
     """One panel of :func:`forest_plot`: ``comparisons`` top to bottom, coloured by distilled set."""
-    if not comparisons:
-        ax.set_axis_off()
-        return
     ys = list(range(len(comparisons)))[::-1]
     for y, c in zip(ys, comparisons, strict=True):
         color = f"C{distilled.index(c['method']) % 10}"
