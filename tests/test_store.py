@@ -122,3 +122,43 @@ def test_a_file_system_without_locks_gets_a_warning_and_no_lock(tmp_path, monkey
         assert not (tmp_path / "run" / ".lock").exists()
     assert "mkdt: warning: cannot lock" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
+
+
+def test_results_json_holds_records_comparisons_headlines_and_costs_and_old_lists_still_load(tmp_path):
+    from mkdt.results import make_record
+
+    run = RunDir(tmp_path)
+    records = [
+        make_record("random", "c10", 0.01, [0, 1], [40.0, 41.0]),
+        {**make_record("mkdt", "c10", 0.01, [0, 1], [42.0, 44.0]), "selection": "tuned"},  # kept as is
+    ]
+    costs = {"mkdt": {"stages": ["distill"], "seconds": 1.0, "cpu_seconds": None, "note": ""}}
+    run.save_results(records, "table\n", costs)
+    content = json.loads(run.results_path.read_text())
+    assert set(content) == {"records", "comparisons", "headlines", "costs"}
+    assert content["comparisons"][0]["differences"] == [2.0, 3.0] and content["costs"] == costs
+    assert content["headlines"][0]["best_same_size"] == "random"
+    assert run.load_results() == records and run.results_table_path.read_text() == "table\n"
+    run.save_results(records, "table\n")
+    assert "costs" not in json.loads(run.results_path.read_text())
+    run.results_path.write_text(json.dumps(records))  # results.json of older versions: the bare list
+    assert run.load_results() == records
+    for content in ({"a": 1}, 3):
+        run.results_path.write_text(json.dumps(content))
+        with pytest.raises(ArtifactError, match="does not hold result records; redo it with `mkdt evaluate"):
+            run.load_results()
+
+
+def test_a_stage_record_keeps_its_cpu_seconds_beside_its_seconds(tmp_path):
+    run = RunDir(tmp_path)
+    record = run.finish("targets", {"seed": 0}, 2.5, {}, cpu_seconds=3.5)
+    assert (
+        (record["seconds"], record["cpu_seconds"])
+        == (2.5, 3.5)
+        == (
+            run.record("targets")["seconds"],
+            run.record("targets")["cpu_seconds"],
+        )
+    )
+    assert record["fingerprint"] == fingerprint({"seed": 0})  # times stay out of the fingerprint
+    assert "cpu_seconds" not in run.finish("experts", {}, 1.0, {})  # callers that measure none

@@ -5,8 +5,8 @@ Stages talk to each other only through this store. Layout of a run directory ``O
     OUT/config.yaml                          resolved config of the last command
     OUT/manifest.json                        config, seed, code version, every finished stage's record
     OUT/log.txt                              what the commands printed, appended command by command
-    OUT/<stage>/stage.json                   the stage's record: fingerprint, definition, time, result,
-                                             each artifact's size and sha256
+    OUT/<stage>/stage.json                   the stage's record: fingerprint, definition, wall and CPU
+                                             seconds, result, each artifact's size and sha256
     OUT/teacher/encoder.safetensors          teacher encoder state dict (+ model, normalisation)
     OUT/teacher/checkpoint.pt                resumable SSL training state
     OUT/targets/targets.safetensors          ``targets`` (N, D) float32, rows in D_real order
@@ -20,7 +20,9 @@ Stages talk to each other only through this store. Layout of a run directory ``O
                                              history.csv, snapshot_<it>.safetensors of the variant
                                              that starts from init subset <init> (``distill.variants``)
     OUT/evaluate/partial.json                finished (method, seed) evaluations
-    OUT/results.json, OUT/results.md         the evaluation's records and table
+    OUT/results.json                         the evaluation's records, paired comparisons, headlines
+                                             (and the sets' costs when given): {"records", ...}
+    OUT/results.md                           its tables, paired differences and costs
     OUT/imported/<name>.safetensors          a set of ``mkdt import``, evaluated as ``ext:<name>``
     OUT/imported/<name>.json                 its size and sha256, checked before it is read
     OUT/analysis/<name>.md, .json, .png      ``mkdt analyze <name>``'s table, numbers and plot:
@@ -86,6 +88,7 @@ from mkdt.files import (
     write_text,
 )
 from mkdt.methods import INIT_METHODS
+from mkdt.results import headlines, paired_comparisons
 from mkdt.train.kd import Trajectory
 from mkdt.train.matching import History
 
@@ -258,13 +261,18 @@ class RunDir:
         seconds: float,
         result: dict[str, Any],
         artifacts: tuple[Path, ...] = (),
+        *,
+        cpu_seconds: float | None = None,
     ) -> dict[str, Any]:
         """Write the stage record (last, so a crash never leaves a stage that looks finished), with
-        the size and sha256 of every file in ``artifacts``."""
+        the size and sha256 of every file in ``artifacts``. ``seconds`` is the stage's wall-clock
+        time, ``cpu_seconds`` (recorded when given) the CPU time of this process over it: timings
+        that stay out of the fingerprint and that readers treat as unknown in older records."""
         record = {
             "fingerprint": fingerprint(defining),
             "defining": defining,
             "seconds": seconds,
+            **({} if cpu_seconds is None else {"cpu_seconds": cpu_seconds}),
             "finished": now(),
             "versions": versions(),
             "result": result,
@@ -877,17 +885,38 @@ class RunDir:
 
     @property
     def results_table_path(self) -> Path:
-        """``results.md``: the evaluation's table, its caption and MKDT's margins."""
+        """``results.md``: the evaluation's table, its caption, MKDT's margins, the paired differences
+        and the cost of each set."""
         return self.path / "results.md"
 
-    def save_results(self, records: list[dict[str, Any]], table: str) -> None:
-        """``results.json`` (the records of :mod:`mkdt.results`) and ``results.md`` (the table)."""
-        write_json(self.results_path, records)
+    def save_results(
+        self, records: list[dict[str, Any]], table: str, costs: dict[str, Any] | None = None
+    ) -> None:
+        """``results.json``, the object ``{"records", "comparisons", "headlines"}`` (the records of
+        :mod:`mkdt.results`, their :func:`~mkdt.results.paired_comparisons` and
+        :func:`~mkdt.results.headlines`) with ``"costs"`` when given
+        (:func:`~mkdt.results.set_costs`), and ``results.md`` (``table``: the text to show)."""
+        content: dict[str, Any] = {
+            "records": records,
+            "comparisons": paired_comparisons(records),
+            "headlines": headlines(records),
+        }
+        if costs is not None:
+            content["costs"] = costs
+        write_json(self.results_path, content)
         write_text(self.results_table_path, table)
 
     def load_results(self) -> list[dict[str, Any]]:
-        """The evaluation's records; ArtifactError when results.json is missing or unreadable."""
+        """The evaluation's records, from results.json as :meth:`save_results` writes it or as older
+        versions did (the bare list of records); ArtifactError when it is missing, unreadable or
+        neither."""
         if not self.results_path.is_file():
             raise ArtifactError(f"missing artifact {self.results_path}")
-        records: list[dict[str, Any]] = read_json(self.results_path)
+        content = read_json(self.results_path)
+        records = content.get("records") if isinstance(content, dict) else content
+        if not isinstance(records, list):
+            raise ArtifactError(
+                f"{self.results_path} does not hold result records; redo it with "
+                f"`mkdt evaluate --repair --out {self.path}` (--force if that finds nothing to repair)"
+            )
         return records

@@ -310,7 +310,7 @@ def test_an_imported_set_is_evaluated_as_its_own_method_on_the_same_labels(setti
     with pytest.MonkeyPatch.context() as mp:
         drawn = _spy(mp, downstream, "labelled_subset")
         results = evaluate.run(config, out)["result"]["results"]
-    assert results == read_json(out / "results.json")
+    assert results == RunDir(out).load_results()
     keys = [(r["method"], r["task"], r["label_fraction"], r["seeds"]) for r in results]
     assert keys == [(m, "digits", f, [0]) for m in ("no_pretrain", "ext:idx") for f in (0.1, 0.5)]
     (_, (x0, y0)), (_, (x1, y1)) = drawn[0], drawn[2]  # the 10% subset of each method

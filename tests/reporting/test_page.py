@@ -18,6 +18,7 @@ from mkdt.errors import ArtifactError
 from mkdt.graph import STAGES
 from mkdt.pipeline import run_stages
 from mkdt.reporting import build_report
+from mkdt.store import RunDir
 from tests.helpers import tiny_config
 
 SETTINGS = [
@@ -26,7 +27,7 @@ SETTINGS = [
     "distill.iterations=6",
     "distill.snapshots=[2]",
 ]
-FIGURES = ("accuracy.png", "images.png", "curves.png", "classes.png", "analysis/variance.png")
+FIGURES = ("accuracy.png", "forest.png", "images.png", "curves.png", "classes.png", "analysis/variance.png")
 BROWSERS = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
 
 
@@ -73,16 +74,29 @@ def _parsed(path: Path) -> Page:
 def test_markdown_has_the_table_with_the_best_in_bold(run, report):
     text = (report / "report.md").read_text()
     rows = [line for line in text.splitlines() if re.match(r"^\| (10|50)% \|", line)]
-    assert len(rows) == len(json.loads((run / "results.json").read_text()))  # one per record
+    assert len(rows) == len(RunDir(run).load_results())  # one per record
     for fraction in ("10%", "50%"):
         bold = [r for r in rows if r.startswith(f"| {fraction} |") and "**" in r]
         assert len(bold) >= 1 and not any("full data" in r for r in bold)
     assert "| labels | method | digits |" in text
 
 
+def test_the_run_section_names_the_headlines_and_the_cost_of_each_set(report):
+    text = (report / "report.md").read_text()
+    for fraction in ("10%", "50%"):
+        assert f"- Linear probe, digits, {fraction} labels: MKDT over the random subset: " in text
+        assert f"- Linear probe, digits, {fraction} labels: MKDT over the best same-size set (" in text
+    assert ", n = 2" in text  # evaluate.seeds=2: paired over both seeds
+    assert "### Cost of each set" in text
+    assert "| method | stages | wall s | CPU s | evaluation's pre-training s | note |" in text
+    mkdt = next(line for line in text.splitlines() if line.startswith("| MKDT | teacher, targets"))
+    assert "–" not in mkdt.split(" | ")[2:4]  # the stages of this run recorded their CPU time
+    assert "| stage | finished | seconds | CPU seconds |" in text
+
+
 def test_every_image_of_the_page_and_the_markdown_exists(report):
     page = _parsed(report / "index.html")
-    assert page.tags.count("table") == 3  # results, the analysis table, the stages
+    assert page.tags.count("table") == 4  # results, the cost of each set, the analysis table, the stages
     assert len(page.images) == len(FIGURES)
     for src in page.images:
         assert src.startswith("data:image/png;base64,")
@@ -138,7 +152,7 @@ def test_the_page_loads_in_a_headless_browser(report, tmp_path):
         timeout=120,
     ).stdout
     probe.unlink()
-    assert dom.count("<table") == 3 and dom.count("<img") == len(FIGURES)
+    assert dom.count("<table") == 4 and dom.count("<img") == len(FIGURES)
     assert f'data-decoded="{len(FIGURES)}"' in dom
 
 

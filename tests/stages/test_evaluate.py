@@ -111,7 +111,7 @@ def _spy_on_pretrain(mp):
 
 def test_results_schema_files_and_table(evaluated):
     config, run, record, _ = evaluated
-    results = json.loads((run.path / "results.json").read_text())
+    results = run.load_results()
     assert results == record["result"]["results"]
     assert [(r["method"], r["task"], r["label_fraction"]) for r in results] == [
         (m, "digits", f) for m in METHODS for f in (0.1, 0.5)

@@ -2,7 +2,6 @@
 distill/variants/<subset>/, and evaluated as mkdt_<subset> beside MKDT (the paper's "MKDT (Rnd
 Sub)" row without a second run directory)."""
 
-import json
 import shutil
 
 import pytest
@@ -162,7 +161,7 @@ def test_evaluate_gives_a_variant_its_own_rows_at_its_learned_lr(runs, tmp_path,
     variant = RunDir(out).load_variant("random")
     assert seen["mkdt_random"].lr == variant.lr != seen["mkdt"].lr
     assert torch.equal(seen["mkdt_random"].images, variant.images)
-    results = json.loads((out / "results.json").read_text())
+    results = RunDir(out).load_results()
     assert [r["method"] for r in results] == ["mkdt", "mkdt_random"]
     table = (out / "results.md").read_text()
     assert (

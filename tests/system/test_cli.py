@@ -7,6 +7,7 @@ import pytest
 from mkdt.cli import main
 from mkdt.config import Config, iter_fields, preset_description, preset_names
 from mkdt.methods import EVAL_METHODS
+from mkdt.store import RunDir
 from tests.helpers import TINY
 
 
@@ -39,7 +40,7 @@ def test_run_writes_manifest_and_resumes(tmp_path, capsys):
     assert main(args) == 0
     manifest = json.loads((tmp_path / "run/manifest.json").read_text())
     assert set(manifest["stages"]) == {"teacher", "targets", "experts", "init", "distill", "evaluate"}
-    results = json.loads((tmp_path / "run/results.json").read_text())
+    results = RunDir(tmp_path / "run").load_results()
     assert {r["method"] for r in results} == set(EVAL_METHODS)
     out, err = capsys.readouterr()
     assert "\r" not in err and "evaluate: 100%" in err  # not a terminal: plain progress lines

@@ -14,6 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from mkdt.store import RunDir
 from tests.helpers import TINY
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -92,7 +93,7 @@ def test_a_whole_run_under_torchrun_matches_one_process_and_resumes(tmp_path):
     assert {k: v.shape for k, v in a.items()} == {k: v.shape for k, v in b.items()}
     losses = __import__("json").loads((two / "teacher/stage.json").read_text())["result"]["loss_history"]
     assert losses[-1] < losses[0]
-    records = [__import__("json").loads((d / "results.json").read_text()) for d in (one, two)]
+    records = [RunDir(d).load_results() for d in (one, two)]
     assert [(r["method"], r["label_fraction"], len(r["accuracies"])) for r in records[0]] == [
         (r["method"], r["label_fraction"], len(r["accuracies"])) for r in records[1]
     ]

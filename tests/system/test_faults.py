@@ -27,6 +27,7 @@ from PIL import Image
 from mkdt import files
 from mkdt.cli import main
 from mkdt.nn.models import resnet18
+from mkdt.store import RunDir
 from tests.helpers import TINY
 
 FAST = ["teacher.epochs=1", "teacher.probe=false", "evaluate.seeds=1", "distill.iterations=2"]
@@ -329,7 +330,7 @@ def test_diverged_pretraining_is_marked_not_reported_as_accuracy(finished, tmp_p
         "evaluate.methods=[no_pretrain,random]",
     ]
     assert main(args) == 0
-    records = {r["method"]: r for r in __import__("json").loads((run / "results.json").read_text())}
+    records = {r["method"]: r for r in RunDir(run).load_results()}
     assert records["random"]["mean"] is None and records["random"]["diverged_seeds"] == [0]
     assert records["no_pretrain"]["mean"] is not None
     assert "| diverged |" in (run / "results.md").read_text()

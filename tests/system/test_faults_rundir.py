@@ -143,7 +143,7 @@ def test_an_existing_run_is_continued_with_its_recorded_config(finished, tmp_pat
     _refused(["evaluate", "--out", str(run), "evaluate.seeds=2"], run, "evaluate.seeds: 1 -> 2", capsys)
     _refused(["run", "--out", str(run), "--preset", "demo"], run, "made with a different config", capsys)
     assert main(["evaluate", "--out", str(run), "evaluate.seeds=2", "--force"]) == 0  # as advised
-    assert len(json.loads((run / "results.json").read_text())[0]["accuracies"]) == 2
+    assert len(RunDir(run).load_results()[0]["accuracies"]) == 2
 
 
 def _command(out: Path, cache: Path, *stages: str) -> list[str]:

@@ -217,7 +217,7 @@ def finetuned(tmp_path_factory):
 
 def test_the_stage_reports_fine_tuning_in_its_own_records_and_table(finetuned):
     config, run, record, calls = finetuned
-    results = read_json(run.path / "results.json")
+    results = run.load_results()
     assert results == record["result"]["results"]
     settings = [(m, "digits", f) for m in ("no_pretrain", "full") for f in (0.1, 0.5)]
     assert [(r["protocol"], r["method"], r["task"], r["label_fraction"]) for r in results] == [

@@ -62,7 +62,7 @@ def full_reference(run: RunSetting) -> tuple[dict[tuple[str, float], float], str
     if store.results_path.is_file() and store.record("evaluate") is not None:
         acc = {
             (r["task"], r["label_fraction"]): r["mean"]
-            for r in read_json(store.results_path)
+            for r in store.load_results()
             if r["method"] == "full" and r.get("mean") is not None and protocol_of(r) == "probe"
         }
         if acc:

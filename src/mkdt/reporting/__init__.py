@@ -6,10 +6,12 @@ images embedded) and, per run, ``DIR/<name>/*.png`` (``name``: the run folder's 
 - one results table in the paper's layout (label fractions as row groups, methods as rows, one
   column per task, with several runs one per task and run), "mean ± std" over seeds, the best
   same-size method of each column in bold (``full`` is an upper reference and never bold);
-- per run: the caption of its results.md, MKDT's margins and accuracy bars with the std as error
-  bars; the distilled images beside their initial images and their difference; the loss, alpha_syn
-  and pixel-change curves of distill/history.csv; the class histogram of the init subsets (labels
-  of D_real); the tables and plots of RUN/analysis/; the stages' times.
+- per run: the caption of its results.md, the headlines of the paired comparisons (each distilled
+  set over the random subset and over the best same-size set), accuracy bars with the std as error
+  bars, the forest plot of every paired comparison, the cost of each set; the distilled images
+  beside their initial images and their difference; the loss, alpha_syn and pixel-change curves of
+  distill/history.csv; the class histogram of the init subsets (labels of D_real); the tables and
+  plots of RUN/analysis/; the stages' wall and CPU times.
 
 What each run is comes from its stage records, not from its ``config.yaml``
 (:mod:`mkdt.reporting.runs`). A part whose inputs are missing is replaced by a note; a path that is

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
@@ -21,6 +22,7 @@ from mkdt.methods import method_label, method_order
 from mkdt.results import fraction_label, protocol_of
 from mkdt.train.matching import History
 
+PROTOCOL_NAMES = {"probe": "linear probe", "finetune": "fine-tuning"}  # short, for panel titles
 MIN_IMAGE_PX = 64
 MAX_IMAGES = 36  # images shown per panel (a 6 x 6 grid)
 DPI = 100
@@ -150,3 +152,49 @@ def accuracy_bars(records: Sequence[dict[str, Any]], path: Path) -> None:
         ax.grid(axis="y", alpha=0.3)
     axes[-1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))
     _save(fig, path)
+
+
+def forest_plot(comparisons: Sequence[dict[str, Any]], path: Path) -> None:
+    """The paired comparisons (:func:`mkdt.results.paired_comparisons`) as a forest plot: one panel
+    per protocol and task (rows) and label fraction (columns), one line per distilled set minus
+    another set: the mean paired difference as a dot, its 95% t-interval as a bar (a hollow dot
+    without bar for a single seed), a dashed line at 0. ValueError for no comparisons."""
+    if not comparisons:
+        raise ValueError("forest_plot needs at least one comparison")
+    panels: dict[tuple[str, str], dict[float, list[dict[str, Any]]]] = {}
+    for c in comparisons:
+        panels.setdefault((c["protocol"], c["task"]), {}).setdefault(c["label_fraction"], []).append(c)
+    fractions = sorted({c["label_fraction"] for c in comparisons})
+    most = max(len(found) for row in panels.values() for found in row.values())
+    fig = Figure(
+        figsize=(2.5 + 4.5 * len(fractions), (1.2 + 0.22 * most) * len(panels)), dpi=DPI, layout="constrained"
+    )
+    axes = fig.subplots(len(panels), len(fractions), squeeze=False)
+    distilled = list(dict.fromkeys(c["method"] for c in comparisons))
+    for row, ((protocol, task), by_fraction) in zip(axes, panels.items(), strict=True):
+        for ax, fraction in zip(row, fractions, strict=True):
+            if fraction not in by_fraction:  # no comparison in this setting
+                ax.set_axis_off()
+                continue
+            _forest_panel(ax, by_fraction[fraction], distilled)
+            where = f"{task}, {fraction_label(fraction)} labels"
+            ax.set_title(f"{where} ({PROTOCOL_NAMES.get(protocol, protocol)})", fontsize=10)
+    _save(fig, path)
+
+
+def _forest_panel(ax: Axes, comparisons: Sequence[dict[str, Any]], distilled: list[str]) -> None:
+    """One panel of :func:`forest_plot`: ``comparisons`` top to bottom, coloured by distilled set."""
+    ys = list(range(len(comparisons)))[::-1]
+    for y, c in zip(ys, comparisons, strict=True):
+        color = f"C{distilled.index(c['method']) % 10}"
+        if c["low"] is None:
+            ax.plot([c["mean"]], [y], "o", color=color, markerfacecolor="none")
+        else:
+            ax.hlines(y, c["low"], c["high"], color=color, linewidth=2)
+            ax.plot([c["mean"]], [y], "o", color=color)
+    ax.axvline(0.0, color="0.3", linewidth=0.8, linestyle="--")
+    labels = [f"{method_label(c['method'])} − {method_label(c['other'])}" for c in comparisons]
+    ax.set_yticks(ys, labels, fontsize=7)
+    ax.set_ylim(-0.7, len(comparisons) - 0.3)
+    ax.set_xlabel("accuracy points: mean paired difference, 95% interval", fontsize=8)
+    ax.grid(axis="x", alpha=0.3)

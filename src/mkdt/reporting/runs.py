@@ -35,7 +35,7 @@ from mkdt.files import load_tensors, write_error
 from mkdt.graph import STAGES
 from mkdt.methods import INIT_METHODS
 from mkdt.reporting import figures
-from mkdt.results import mkdt_margins
+from mkdt.results import costs_table, headline_lines, headlines, paired_comparisons, set_costs, setting_title
 from mkdt.store import RunDir
 
 Part = Callable[[], list[str]]
@@ -59,6 +59,12 @@ def _read_text(path: Path) -> str:
 
 def _number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _cpu_seconds(record: Record) -> str:
+    """A stage record's CPU seconds, "–" when it has none (written before they were kept)."""
+    value = record.get("cpu_seconds")
+    return f"{value:.0f}" if _number(value) else "–"
 
 
 def read_records(store: RunDir) -> dict[str, Record]:
@@ -104,7 +110,7 @@ def read_results(store: RunDir) -> list[Record] | None:
     if not store.results_path.is_file():
         return None
     records = store.load_results()
-    if not isinstance(records, list) or not all(map(_is_result, records)):
+    if not all(map(_is_result, records)):
         raise ArtifactError(
             f"{store.results_path} does not hold result records; redo it with "
             f"`mkdt evaluate --repair --out {store.path}` (--force if that finds nothing to repair)"
@@ -154,6 +160,7 @@ class RunReport:
         lines = [f"## {self.name}", "", f"Run directory: `{self.store.path}`", ""]
         parts: list[tuple[str, Part]] = [
             ("Results", self.results),
+            ("Cost of each set", self.costs),
             ("Distillation", self.distillation),
             ("Initial subsets", self.init_classes),
             ("Analyses", self.analyses),
@@ -220,8 +227,9 @@ class RunReport:
     # ------------------------------------------------------------ parts
 
     def results(self) -> list[str]:
-        """The caption of results.md, MKDT's margins and the accuracy bars (the table itself is in
-        the report's combined table)."""
+        """The caption of results.md, the headlines (each distilled set over the random subset and
+        over the best same-size set, paired over seeds), the accuracy bars and the forest plot of
+        every paired comparison (the table itself is in the report's combined table)."""
         records = self.results_records
         if records is None:
             return [note(f"no results.json yet: run `mkdt evaluate --out {self.store.path}`")]
@@ -229,10 +237,30 @@ class RunReport:
         md = self.store.results_table_path
         if md.is_file() and not (caption := _read_text(md).split("\n\n")[0]).startswith("|"):
             lines += [_one_line(caption), ""]
-        if margins := mkdt_margins(records):
-            lines += [f"- {line}" for line in margins.splitlines()] + [""]
+        for h in headlines(records):
+            title = setting_title((h["protocol"], h["task"], h["label_fraction"]))
+            lines += [f"- {title}: {line}" for line in headline_lines(h)]
         figures.accuracy_bars(records, self.folder / "accuracy.png")
-        return [*lines, self.image("accuracy.png", "linear-probe accuracy, mean ± std over seeds")]
+        lines += ["", self.image("accuracy.png", "linear-probe accuracy, mean ± std over seeds")]
+        if not (comparisons := paired_comparisons(records)):
+            return [
+                *lines,
+                "",
+                note("no paired comparisons: no distilled set shares a seed with another set"),
+            ]
+        figures.forest_plot(comparisons, self.folder / "forest.png")
+        caption = "each distilled set minus each other set, paired by seed: mean and 95% t-interval"
+        return [*lines, "", self.image("forest.png", caption)]
+
+    def costs(self) -> list[str]:
+        """What producing each evaluated set cost: the stages that make it, from their records
+        (:func:`mkdt.results.set_costs`), and the evaluation's own seconds per pre-training."""
+        if self.results_records is None:
+            return [note("no results.json yet: the evaluated sets are not known")]
+        methods = [r["method"] for r in self.results_records]
+        evaluate = self.records.get("evaluate")
+        pretraining = evaluate["result"].get("seconds_per_pretraining") if evaluate else None
+        return costs_table(set_costs(methods, self.records), pretraining).rstrip("\n").splitlines()
 
     def distillation(self) -> list[str]:
         """The record's summary, the distilled images beside their initial images, the curves of
@@ -337,12 +365,13 @@ class RunReport:
         return lines
 
     def stages(self) -> list[str]:
-        """When each finished stage ended and how long it took."""
+        """When each finished stage ended and how long it took (wall clock and CPU time; "–" for CPU
+        time in records written before it was kept)."""
         rows = [(s, self.records.get(s)) for s in STAGES]
         done = [(s, r) for s, r in rows if r is not None]
         if not done:
             raise ArtifactError("no stage has finished yet")
-        lines = ["| stage | finished | seconds |", "|---|---|---|"]
-        lines += [f"| {s} | {r['finished']} | {r['seconds']:.0f} |" for s, r in done]
+        lines = ["| stage | finished | seconds | CPU seconds |", "|---|---|---|---|"]
+        lines += [f"| {s} | {r['finished']} | {r['seconds']:.0f} | {_cpu_seconds(r)} |" for s, r in done]
         missing = [s for s, r in rows if r is None]
         return lines + (["", note(f"not finished: {', '.join(missing)}")] if missing else [])

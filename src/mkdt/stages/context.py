@@ -126,7 +126,8 @@ class StageContext:
     ) -> None:
         self.stage, self.config, self.store = stage, config, RunDir(out)
         self.spec = defining(config, stage)
-        self.start = time.perf_counter()
+        self.start, self.cpu_start = time.perf_counter(), time.process_time()
+        self.cpu_known = True  # False once an earlier record without CPU time is counted in
         if runtime is not None:
             self.__dict__["runtime"] = runtime
         if real is not None:
@@ -163,19 +164,39 @@ class StageContext:
         check_disk(
             self.store, estimated_bytes(self.config, self.real.data, self.stage), f"the {self.stage} stage"
         )
-        self.start = time.perf_counter()
+        self.start, self.cpu_start = time.perf_counter(), time.process_time()
         return None
 
     def seconds(self) -> float:
         """Seconds since the stage started its work."""
         return time.perf_counter() - self.start
 
+    def cpu_seconds(self) -> float | None:
+        """CPU seconds of this process (all its threads) since the stage started its work; None
+        when it counts an earlier record that lacks them (:meth:`continue_from`)."""
+        return time.process_time() - self.cpu_start if self.cpu_known else None
+
+    def continue_from(self, record: dict[str, Any]) -> None:
+        """Count the work of the stage's earlier ``record`` in this run's times: a stage that adds to
+        its finished result (distill's new ``distill.variants``) records the time of both. A
+        record without ``cpu_seconds`` (written before it was kept) makes this run's unknown."""
+        self.start -= record["seconds"]
+        if "cpu_seconds" in record:
+            self.cpu_start -= record["cpu_seconds"]
+        else:
+            self.cpu_known = False
+
     def finish(self, result: dict[str, Any], artifacts: tuple[Path, ...] = ()) -> dict[str, Any]:
-        """Write the stage's record (with the seconds since :meth:`finished` and the size and hash
-        of each file in ``artifacts``) on rank 0 and return it, on every rank once it exists."""
+        """Write the stage's record (with the wall-clock and CPU seconds since :meth:`finished` and
+        the size and hash of each file in ``artifacts``) on rank 0 and return it, on every rank once
+        it exists."""
         rt = self.runtime
         record = (
-            self.store.finish(self.stage, self.spec, self.seconds(), result, artifacts) if rt.is_main else {}
+            self.store.finish(
+                self.stage, self.spec, self.seconds(), result, artifacts, cpu_seconds=self.cpu_seconds()
+            )
+            if rt.is_main
+            else {}
         )
         rt.barrier()
         return record if rt.is_main else self.store.record(self.stage) or {}

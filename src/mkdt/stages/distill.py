@@ -80,7 +80,7 @@ def add_variants(ctx: StageContext, done: dict[str, Any]) -> dict[str, Any]:
     for init in missing:
         variants[init], files = distill_set(ctx, inputs, store.variant(init))
         artifacts += files
-    ctx.start -= done["seconds"]  # the record's seconds: the earlier work and this addition
+    ctx.continue_from(done)  # the record's times: the earlier work and this addition
     return ctx.finish({**done["result"], "variants": variants}, artifacts)
 
 
