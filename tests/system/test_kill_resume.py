@@ -4,6 +4,7 @@ command, ends with artifacts byte-identical to an uninterrupted run's and no tem
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -32,11 +33,18 @@ def _env(delay: float = 0.0) -> dict[str, str]:
 
 
 def _artifacts(folder: Path) -> dict[str, bytes]:
-    return {
+    """Every file but the VOLATILE ones, results.json without its costs and results.md without its
+    last section, the costs (wall and CPU seconds)."""
+    files = {
         str(p.relative_to(folder)): p.read_bytes()
         for p in sorted(folder.rglob("*"))
         if p.is_file() and p.name not in VOLATILE
     }
+    if "results.json" in files:
+        results = json.loads(files["results.json"])
+        files["results.json"] = json.dumps({k: v for k, v in results.items() if k != "costs"}).encode()
+        files["results.md"] = files["results.md"].split(b"Cost of each set")[0]
+    return files
 
 
 def _writing(folder: str, name: str) -> Callable[[Path], bool]:

@@ -66,12 +66,21 @@ from mkdt.downstream import (
 from mkdt.errors import TrainingDiverged
 from mkdt.files import file_sha256, fingerprint
 from mkdt.methods import INIT_METHODS, PROTOCOLS, method_label, method_order, parse_method
-from mkdt.results import build_records, fraction_label, mkdt_margins, results_table
+from mkdt.results import (
+    build_records,
+    comparisons_text,
+    costs_text,
+    fraction_label,
+    mkdt_margins,
+    results_table,
+    set_costs,
+)
 from mkdt.runtime import Runtime, progress
 from mkdt.stages.context import StageContext
 from mkdt.store import RunDir, SyntheticSet
 
 STAGE = "evaluate"
+UPSTREAM = ("teacher", "targets", "experts", "init", "distill")  # the stages whose cost a set may carry
 
 
 # ---------------------------------------------------------------- pre-training
@@ -384,15 +393,19 @@ def results_text(
     sets: dict[str, SyntheticSet | None],
     records: list[dict[str, Any]],
     skipped: dict[str, str],
+    costs: str = "",
 ) -> str:
-    """``results.md``: the table under its header line, MKDT's margins and the skipped tasks."""
+    """``results.md``: the table under its header line, MKDT's margins, the chosen step sizes, the
+    paired differences, the skipped tasks, and last the ``costs`` section (wall and CPU seconds:
+    the one part that differs between two runs of one config)."""
     text = results_table(records, table_header(config, data, sets))
-    if margins := mkdt_margins(records):
-        text += "\n" + margins
-    if lrs := chosen_lrs_text(records):
-        text += "\n" + lrs
+    for part in (mkdt_margins(records), chosen_lrs_text(records), comparisons_text(records)):
+        if part:
+            text += "\n" + part
     if skipped:
         text += f"\nNot evaluated (files not found, evaluate.missing_tasks=skip): {', '.join(skipped)}.\n"
+    if costs:
+        text += "\n" + costs
     return text
 
 
@@ -417,14 +430,17 @@ def run(
     tasks = {entry: load_task(config, entry, data) for entry in entries}
     runs = evaluate_all(ctx, sets, tasks, z.shape[1], skipped)
     records = result_records(config, runs, list(tasks))
-    table = results_text(config, data, sets, records, skipped)
+    costs = set_costs(config.evaluate.methods, {stage: store.record(stage) for stage in UPSTREAM})
+    seconds = pretraining_seconds(runs)
+    table = results_text(config, data, sets, records, skipped, costs_text(costs, seconds))
     if ctx.runtime.is_main:
-        store.save_results(records, table)
+        store.save_results(records, table, costs)
         print(table, end="")
     return ctx.finish(
         {
             "results": records,
-            "seconds_per_pretraining": pretraining_seconds(runs),
+            "seconds_per_pretraining": seconds,
+            "costs": costs,
             "skipped_tasks": list(skipped),
         },
         (store.results_path, store.results_table_path),
