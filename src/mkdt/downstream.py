@@ -16,7 +16,7 @@ and ``(..., "batches")``: the same for every method too.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,13 +27,13 @@ from mkdt.config import Config, ModelConfig
 from mkdt.config.schema import parse_task
 from mkdt.data import ImageData, load_dataset
 from mkdt.data.registry import locate_dataset
-from mkdt.errors import ConfigError, DataError
+from mkdt.errors import ConfigError, DataError, TrainingDiverged
 from mkdt.methods import parse_method
 from mkdt.nn.models import build_network
 from mkdt.runtime import Runtime, derive_seed, generator, seeded
 from mkdt.store import SyntheticSet
 from mkdt.train.finetune import FinetuneRecipe, fine_tune, top1_accuracy
-from mkdt.train.kd import KDRecipe, encode, train_student
+from mkdt.train.kd import KDRecipe, encode, train_student, train_students
 from mkdt.train.probe import linear_probe
 
 
@@ -121,28 +121,90 @@ def pretrain(
     """
     device = runtime.device
     init_seed, batch_seed = student_streams(config, method, seed)
-    with seeded(init_seed):
-        student = build_network(student_model(config), data.channels, data.image_size, out_dim).to(device)
+    student = _fresh_student(config, data, out_dim, init_seed, device)
     if pset is None:
         return student, []
-    v = config.evaluate
     step = pset.lr if lr is None else lr
-    recipe = KDRecipe(
-        epochs=v.epochs, lr=step, momentum=v.momentum, weight_decay=v.weight_decay, batch_size=v.batch_size
-    )
-    gen = generator(batch_seed, device)
     trajectory = train_student(
         student,
         pset.images.to(device),
         pset.targets.to(device),
-        recipe,
-        [v.epochs],
-        gen,
+        _pretrain_recipe(config, step),
+        [config.evaluate.epochs],
+        generator(batch_seed, device),
         desc=f"pre-train {method} (seed {seed}, lr {step:.4g})",
         runtime=runtime,
         lr_key=lr_key(config, method),
     )
     return student, trajectory.loss.tolist()
+
+
+def pretrain_grid(
+    config: Config,
+    method: str,
+    seed: int,
+    pset: SyntheticSet,
+    data: ImageData,
+    out_dim: int,
+    runtime: Runtime,
+    lrs: Sequence[float],
+    parallel: int,
+) -> dict[float, tuple[nn.Module | None, list[float]]]:
+    """:func:`pretrain` of (method, seed) on ``pset`` at each step size of ``lrs``: ``{lr: (student,
+    mean KD loss per epoch)}`` in the order of ``lrs``, ``(None, [])`` for a step size whose
+    pre-training diverged. Every student has the same initialisation and batch order
+    (:func:`student_streams`); ``parallel`` of them train at once
+    (:func:`~mkdt.train.kd.train_students` with ``lrs``, equal to one at a time within float
+    tolerance; a diverged one does not stop the others), ``parallel=1`` one at a time through
+    :func:`pretrain` (bit for bit as before)."""
+    if parallel < 1:
+        raise ValueError(f"parallel must be >= 1, got {parallel}")
+    out: dict[float, tuple[nn.Module | None, list[float]]] = {}
+    if parallel == 1:
+        for lr in lrs:
+            try:
+                out[lr] = pretrain(config, method, seed, pset, data, out_dim, runtime, lr)
+            except TrainingDiverged:
+                out[lr] = None, []
+        return out
+    device, v = runtime.device, config.evaluate
+    init_seed, batch_seed = student_streams(config, method, seed)
+    images, targets = pset.images.to(device), pset.targets.to(device)
+    for i in range(0, len(lrs), parallel):
+        group = list(lrs[i : i + parallel])
+        students = [_fresh_student(config, data, out_dim, init_seed, device) for _ in group]
+        trajectories = train_students(
+            students,
+            images,
+            targets,
+            _pretrain_recipe(config, group[0]),
+            [v.epochs],
+            [generator(batch_seed, device) for _ in group],
+            desc=f"pre-train {method} (seed {seed}, lr {', '.join(f'{lr:.4g}' for lr in group)})",
+            runtime=runtime,
+            lr_key=lr_key(config, method),
+            lrs=group,
+            on_divergence="keep",
+        )
+        for lr, student, trajectory in zip(group, students, trajectories, strict=True):
+            out[lr] = (None, []) if trajectory.diverged else (student, trajectory.loss.tolist())
+    return out
+
+
+def _fresh_student(
+    config: Config, data: ImageData, out_dim: int, init_seed: int, device: torch.device
+) -> nn.Module:
+    """The evaluation's student (:func:`student_model`) initialised from ``init_seed``, on ``device``."""
+    with seeded(init_seed):
+        return build_network(student_model(config), data.channels, data.image_size, out_dim).to(device)
+
+
+def _pretrain_recipe(config: Config, lr: float) -> KDRecipe:
+    """``evaluate``'s KD recipe at step size ``lr``."""
+    v = config.evaluate
+    return KDRecipe(
+        epochs=v.epochs, lr=lr, momentum=v.momentum, weight_decay=v.weight_decay, batch_size=v.batch_size
+    )
 
 
 def lr_key(config: Config, method: str) -> str:

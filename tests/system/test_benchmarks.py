@@ -119,6 +119,28 @@ def test_experts_benchmark_batched_matches_one_at_a_time(tmp_path):
     assert records[1]["max_weight_diff"] < 1e-4
 
 
+def test_evaluate_benchmark_grid_together_matches_one_at_a_time(tmp_path):
+    records = _run(
+        "evaluate",
+        "--device",
+        "cpu",
+        "--seeds",
+        "2",
+        "--width",
+        "4",
+        "--images",
+        "64",
+        "--epochs",
+        "1",
+        "--batch-size",
+        "32",
+        tmp_path=tmp_path,
+    )
+    assert [r["mode"][:3] for r in records] == ["(a)", "(b)", "(c)", "(d)"]
+    assert [r["at_once"] for r in records] == [1, 4, 8, 1]
+    assert all(r["students"] == 8 and r["max_weight_diff"] < 1e-4 for r in records)
+
+
 def test_distributed_benchmark_runs_one_and_two_ranks(tmp_path):
     records = _run("distributed", "--iterations", "1", tmp_path=tmp_path)
     assert [(r["work"], r["ranks"]) for r in records] == [

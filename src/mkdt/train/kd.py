@@ -9,12 +9,15 @@ augmentation, batches from a seeded permutation of the inputs each epoch, and re
 run as one grouped-convolution network, :func:`mkdt.nn.models.convnet_ensemble`, other students
 through ``torch.func.vmap``); each keeps its own init, batch order and SGD state, so the result
 equals E calls of :func:`train_student` within float tolerance (not bitwise: the batched
-convolutions sum in another order).
+convolutions sum in another order). With ``lrs`` each student takes its own step size (the
+evaluation's grid of step sizes trained together), and ``on_divergence="keep"`` lets the others
+finish when one diverges.
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -26,6 +29,8 @@ from mkdt.errors import ArtifactError, TrainingDiverged
 from mkdt.nn.losses import KDLoss
 from mkdt.nn.models import ConvNet, convnet_ensemble, features_of, flatten_params
 from mkdt.runtime import Runtime, progress
+
+DIVERGENCE_POLICIES = ("raise", "keep")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -54,6 +59,12 @@ class Trajectory:
     epochs: tuple[int, ...]
     loss: torch.Tensor = field(default_factory=lambda: torch.zeros(0))  # (epochs trained,)
 
+    @property
+    def diverged(self) -> bool:
+        """True when some epoch's loss is non-finite (kept by ``on_divergence="keep"``): its
+        weights are then meaningless and the caller leaves the student out."""
+        return not bool(torch.isfinite(self.loss).all())
+
     def at(self, epoch: int) -> torch.Tensor:
         """theta after ``epoch`` epochs; ArtifactError if that epoch was not saved."""
         if epoch not in self.epochs:
@@ -74,12 +85,14 @@ def train_student(
     desc: str | None = None,
     runtime: Runtime | None = None,
     lr_key: str = "the learning rate",
+    on_divergence: str = "raise",
 ) -> Trajectory:
     """Train ``student`` in place on normalised ``inputs`` (N, C, H, W) -> ``targets`` (N, D).
 
     ``runtime`` (optional) runs the forward pass under its autocast / layout / compile settings;
     the loss, gradients and SGD state stay float32. A non-finite epoch loss raises TrainingDiverged
-    advising to lower ``lr_key`` (the config key of the learning rate)."""
+    advising to lower ``lr_key`` (the config key of the learning rate), or with
+    ``on_divergence="keep"`` training goes on and the Trajectory is :attr:`~Trajectory.diverged`."""
     runtime = runtime or Runtime(inputs.device)
     optimizer = torch.optim.SGD(
         student.parameters(), lr=recipe.lr, momentum=recipe.momentum, weight_decay=recipe.weight_decay
@@ -98,9 +111,10 @@ def train_student(
         optimizer.step()
         return loss.detach()[None]
 
-    return _fit(
-        step, lambda: flatten_params(student)[None], inputs, recipe, save_epochs, [gen], desc, lr_key
-    )[0]
+    def snapshot() -> torch.Tensor:
+        return flatten_params(student)[None]
+
+    return _fit(step, snapshot, inputs, recipe, save_epochs, [gen], desc, lr_key, on_divergence)[0]
 
 
 def train_students(
@@ -113,26 +127,45 @@ def train_students(
     desc: str | None = None,
     runtime: Runtime | None = None,
     lr_key: str = "the learning rate",
+    *,
+    lrs: Sequence[float] | None = None,
+    on_divergence: str = "raise",
 ) -> list[Trajectory]:
     """Train same-architecture ``students`` at once, student k drawing its batches from ``gens[k]``.
 
     Equals ``[train_student(s, ..., g) for s, g in zip(students, gens)]`` within float tolerance
     (bitwise for one student); the students are updated in place. ``runtime``: autocast and layout
     as in :func:`train_student` (``compile`` applies to one student at a time only).
+
+    ``lrs`` (optional): student k's step size ``lrs[k]`` instead of ``recipe.lr`` (momentum and
+    weight decay from ``recipe``), so the result equals ``train_student`` with ``recipe.lr =
+    lrs[k]`` within float tolerance. The stacked SGD runs at step size 1 on the scaled gradient
+    ``g'_k = lrs[k] * (g_k + weight_decay * theta_k)``, so its momentum buffer
+    ``b'_k <- momentum * b'_k + g'_k`` stays ``lrs[k]`` times SGD's ``b_k <- momentum * b_k + g_k +
+    weight_decay * theta_k`` and its update ``theta_k -= b'_k`` is SGD's ``theta_k -= lrs[k] * b_k``
+    (exact in real arithmetic).
+
+    ``on_divergence``: ``"raise"`` (default) raises TrainingDiverged for the whole batch when
+    some student's epoch loss is non-finite; ``"keep"`` trains on and returns that student's
+    Trajectory :attr:`~Trajectory.diverged` (the epoch's loss non-finite), for the caller to
+    leave out. The other students are unaffected: every operation acts per student.
     """
     runtime = runtime or Runtime(inputs.device)
     if len(students) != len(gens):
         raise ValueError(f"got {len(students)} students but {len(gens)} generators")
+    if lrs is not None and len(lrs) != len(students):
+        raise ValueError(f"got {len(students)} students but {len(lrs)} step sizes")
     if len(students) == 1:
+        own = recipe if lrs is None else dataclasses.replace(recipe, lr=lrs[0])
         return [
-            train_student(students[0], inputs, targets, recipe, save_epochs, gens[0], desc, runtime, lr_key)
+            train_student(
+                students[0], inputs, targets, own, save_epochs, gens[0], desc, runtime, lr_key, on_divergence
+            )
         ]
     for student in students:
         student.train()
     params, buffers = torch.func.stack_module_state(list(students))  # (E, ...) copies, trained here
-    optimizer = torch.optim.SGD(
-        params.values(), lr=recipe.lr, momentum=recipe.momentum, weight_decay=recipe.weight_decay
-    )  # elementwise: per student
+    optimizer, scale_gradients = _stacked_sgd(params, recipe, lrs)  # elementwise: per student
     losses_of = _stacked_kd_losses(students[0], runtime)
     inputs = runtime.images(inputs)
 
@@ -140,19 +173,45 @@ def train_students(
         losses = losses_of(params, buffers, inputs[idx], targets[idx])
         optimizer.zero_grad(set_to_none=True)
         losses.sum().backward()  # student k's parameters get exactly the gradient of its own loss
+        scale_gradients()
         optimizer.step()
         return losses.detach()
 
     def snapshot() -> torch.Tensor:
         return torch.cat([p.detach().flatten(1) for p in params.values()], dim=1)
 
-    trajectories = _fit(step, snapshot, inputs, recipe, save_epochs, gens, desc, lr_key)
+    trajectories = _fit(step, snapshot, inputs, recipe, save_epochs, gens, desc, lr_key, on_divergence)
     stacked = params | buffers
     with torch.no_grad():
         for k, student in enumerate(students):
             for name, tensor in [*student.named_parameters(), *student.named_buffers()]:
                 tensor.copy_(stacked[name][k])
     return trajectories
+
+
+def _stacked_sgd(
+    params: dict[str, torch.Tensor], recipe: KDRecipe, lrs: Sequence[float] | None
+) -> tuple[torch.optim.SGD, Callable[[], None]]:
+    """(optimizer, scale_gradients) for stacked (E, ...) ``params``: without ``lrs`` the recipe's SGD
+    and a no-op; with ``lrs`` SGD at step size 1 without weight decay, and a function that
+    replaces each gradient g of student k by ``lrs[k] * (g + weight_decay * theta)`` (see
+    :func:`train_students`), to call between ``backward`` and ``step``."""
+    if lrs is None:
+        sgd = torch.optim.SGD(
+            params.values(), lr=recipe.lr, momentum=recipe.momentum, weight_decay=recipe.weight_decay
+        )
+        return sgd, lambda: None
+    sgd = torch.optim.SGD(params.values(), lr=1.0, momentum=recipe.momentum, weight_decay=0.0)
+    first = next(iter(params.values()))
+    step_sizes = torch.tensor(lrs, dtype=first.dtype, device=first.device)
+
+    @torch.no_grad()
+    def scale_gradients() -> None:
+        for p in params.values():
+            if p.grad is not None:
+                p.grad.add_(p, alpha=recipe.weight_decay).mul_(step_sizes.view(-1, *[1] * (p.dim() - 1)))
+
+    return sgd, scale_gradients
 
 
 StackedLosses = Callable[
@@ -198,11 +257,15 @@ def _fit(
     gens: Sequence[torch.Generator],
     desc: str | None,
     lr_key: str,
+    on_divergence: str = "raise",
 ) -> list[Trajectory]:
     """The epoch loop of E students: each epoch student k permutes the N ``inputs`` with ``gens[k]``;
     ``step`` takes the (E, b) indices of one batch, updates every student and returns their (E,)
     mean losses; ``snapshot`` returns the (E, P) flat parameters. A non-finite epoch loss raises
-    TrainingDiverged advising to lower ``lr_key``."""
+    TrainingDiverged advising to lower ``lr_key``, or with ``on_divergence="keep"`` is recorded
+    in that student's Trajectory.loss while every student trains on."""
+    if on_divergence not in DIVERGENCE_POLICIES:
+        raise ValueError(f"on_divergence must be one of {DIVERGENCE_POLICIES}, got {on_divergence!r}")
     n, device = len(inputs), inputs.device
     saved = [snapshot()] if 0 in save_epochs else []
     losses = []
@@ -215,7 +278,7 @@ def _fit(
             idx = perms[:, i : i + recipe.batch_size]
             total += step(idx) * idx.shape[1]
         losses.append([t / n for t in total.tolist()])
-        if not all(map(math.isfinite, losses[-1])):
+        if on_divergence == "raise" and not all(map(math.isfinite, losses[-1])):
             raise TrainingDiverged(
                 f"KD training{f' ({desc})' if desc else ''} diverged in epoch {epoch} "
                 f"(non-finite KD loss); lower {lr_key}"
