@@ -121,7 +121,11 @@ STAGES: dict[str, Stage] = {
             "pre-train a student on each set (baselines, MKDT), linear-probe or fine-tune it, write results",
             reads=("targets",),
             keys=("evaluate",),
-            settings=(*RUNTIME_KEYS, "evaluate.missing_tasks"),  # the skipped tasks are in the record
+            settings=(
+                *RUNTIME_KEYS,
+                "evaluate.missing_tasks",
+                "evaluate.parallel",
+            ),  # skipped tasks: in the record
             reads_if=(
                 ("init", _evaluates(*INIT_METHODS, *LR_MATCHED)),
                 ("distill", _evaluates("mkdt", *LR_MATCHED, *VARIANTS)),

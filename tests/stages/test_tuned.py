@@ -40,14 +40,15 @@ def _config(cache, *overrides):
 def _spy_on_pretrain(mp):
     """[(method, seed, lr, the student's initial flat parameters)] of every pre-training."""
     seen = []
-    real = evaluate.pretrain
+    real = downstream.pretrain
 
     def spy(config, method, seed, pset, data, out_dim, runtime, lr=None):
         student, losses = real(config, method, seed, None, data, out_dim, runtime)
         seen.append((method, seed, lr, flatten_params(student).clone()))
         return real(config, method, seed, pset, data, out_dim, runtime, lr)
 
-    mp.setattr(evaluate, "pretrain", spy)
+    mp.setattr(downstream, "pretrain", spy)  # pretrain_grid's, one step size at a time
+    mp.setattr(evaluate, "pretrain", spy)  # no_pretrain's
     return seen
 
 
@@ -192,3 +193,17 @@ def test_adding_a_method_reuses_the_finished_runs_of_the_others(tuned, tmp_path)
     for r in results:
         if r["method"] != "random@alpha":
             assert r["accuracies"] == before[r["method"], r["label_fraction"]]
+
+
+def test_step_sizes_trained_at_once_give_the_same_choices(tuned, tmp_path):
+    config, run, record, _ = tuned
+    out = tmp_path / "copy"
+    shutil.copytree(run.path, out)
+    RunDir(out).invalidate(["evaluate"])
+    (out / "evaluate" / "partial.json").unlink()
+    one = evaluate.run(config, out)["result"]["results"]
+    RunDir(out).invalidate(["evaluate"])
+    (out / "evaluate" / "partial.json").unlink()
+    batched = evaluate.run(_config(config.data.cache_dir, "evaluate.parallel=3"), out)["result"]["results"]
+    for a, b in zip(one, batched, strict=True):
+        assert a["lrs"] == b["lrs"] and a["accuracies"] == pytest.approx(b["accuracies"], abs=1.0)

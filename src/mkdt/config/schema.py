@@ -501,6 +501,13 @@ class EvaluateConfig:
         "the step sizes tried under evaluate.selection=tuned (x3 to x3.3 apart around the "
         "experts' 0.1; MKDT's learned alpha_syn has been 0.1-0.4)",
     )
+    parallel: int = opt(
+        0,
+        "under evaluate.selection=tuned, how many of one set's step sizes are pre-trained at once "
+        "(stacked weights, one grouped network; 1 = one at a time), same results within float "
+        "tolerance; 0 = auto: all of them on CUDA, 1 on CPU (batching measured 1.02x there, see "
+        "benchmarks/evaluate.py)",
+    )
     validation_fraction: float = opt(
         0.2,
         "under evaluate.selection=tuned, the share of each (task, label fraction, seed)'s labelled "
@@ -540,6 +547,7 @@ class EvaluateConfig:
         check_distinct([parse_task(entry)[0] for entry in self.tasks or ()], "evaluate.tasks")
         _one_of(self.missing_tasks, MISSING_TASKS, "evaluate.missing_tasks")
         _one_of(self.selection, SELECTIONS, "evaluate.selection")
+        check(self.parallel >= 0, "evaluate.parallel", "must be >= 0 (0 = auto, 1 = one at a time)")
         check(
             bool(self.lr_grid) and all(math.isfinite(lr) and lr > 0 for lr in self.lr_grid),
             "evaluate.lr_grid",

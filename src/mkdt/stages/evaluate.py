@@ -58,6 +58,7 @@ from mkdt.downstream import (
     finetune,
     load_task,
     pretrain,
+    pretrain_grid,
     probe,
     student_model,
     tuned_probe,
@@ -232,14 +233,11 @@ def evaluate_tuned(
     labels (:func:`~mkdt.downstream.tuned_probe`). ``kd_loss`` maps each step size (as text) to its
     losses per epoch; ``seconds`` is the pre-training time of all of them."""
     t0, rt, config = ctx.seconds(), ctx.runtime, ctx.config
-    students, kd_loss, failed = {}, {}, []
-    for lr in lrs:
-        try:
-            students[lr], kd_loss[f"{lr:g}"] = pretrain(
-                config, method, seed, pset, ctx.real.data, out_dim, rt, lr
-            )
-        except TrainingDiverged:
-            failed.append(lr)
+    parallel = config.evaluate.parallel or (len(lrs) if rt.device.type == "cuda" else 1)
+    trained = pretrain_grid(config, method, seed, pset, ctx.real.data, out_dim, rt, lrs, parallel)
+    students = {lr: student for lr, (student, _) in trained.items() if student is not None}
+    kd_loss = {f"{lr:g}": losses for lr, (student, losses) in trained.items() if student is not None}
+    failed = [lr for lr, (student, _) in trained.items() if student is None]
     seconds = ctx.seconds() - t0
     if failed:
         print(
