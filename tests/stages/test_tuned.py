@@ -207,3 +207,13 @@ def test_step_sizes_trained_at_once_give_the_same_choices(tuned, tmp_path):
     batched = evaluate.run(_config(config.data.cache_dir, "evaluate.parallel=3"), out)["result"]["results"]
     for a, b in zip(one, batched, strict=True):
         assert a["lrs"] == b["lrs"] and a["accuracies"] == pytest.approx(b["accuracies"], abs=1.0)
+
+
+def test_a_choice_at_the_end_of_the_grid_is_warned_about():
+    record = {"method": "mkdt", "task": "cifar10", "label_fraction": 0.01, "lr_grid": [0.1, 1.0]}
+    (line,) = evaluate.grid_edge_warnings([{**record, "lrs": [1.0, 1.0, 0.37]}])
+    assert "MKDT (cifar10, 1% labels) chose the largest step size of evaluate.lr_grid (1) in 2 of 3" in line
+    assert "above the grid" in line
+    assert evaluate.grid_edge_warnings([{**record, "lrs": [0.37, 0.37, 1.0]}]) == []
+    (low,) = evaluate.grid_edge_warnings([{**record, "lrs": [0.1, 0.37]}])
+    assert "smallest" in low and "below the grid" in low

@@ -382,7 +382,28 @@ def chosen_lrs_text(records: list[dict[str, Any]]) -> str:
                 lines.append(
                     f"| {fraction_label(fraction)} | {method_label(method)} | " + " | ".join(row) + " |"
                 )
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + grid_edge_warnings(rows)) + "\n"
+
+
+def grid_edge_warnings(records: list[dict[str, Any]]) -> list[str]:
+    """One line per tuned record whose chosen step size is the largest (or the smallest) of
+    ``lr_grid`` in at least half of its seeds: the best step size may lie beyond the grid."""
+    warnings = []
+    for r in records:
+        chosen = [lr for lr in r["lrs"] if lr is not None]
+        for edge, word, beyond in (
+            (max(r["lr_grid"]), "largest", "above"),
+            (min(r["lr_grid"]), "smallest", "below"),
+        ):
+            hits = sum(lr == edge for lr in chosen)
+            if chosen and 2 * hits >= len(chosen):
+                where = f"{r['task']}, {fraction_label(r['label_fraction'])} labels"
+                warnings.append(
+                    f"\nWarning: {method_label(r['method'])} ({where}) chose the {word} step size of "
+                    f"evaluate.lr_grid ({edge:g}) in {hits} of "
+                    f"{len(chosen)} seeds; its best may lie {beyond} the grid: add a step size there."
+                )
+    return warnings
 
 
 def results_text(
