@@ -46,6 +46,7 @@ OWNERS = {SRC / "methods.py", SRC / "analysis" / "mtt.py"}  # mtt.py names its o
         ("mkdt_sas", "distilled", "sas", "own", "variant", None),
         ("mkdt_high_loss", "distilled", "high_loss", "own", "variant", None),
         ("mtt_ssl", "mtt_ssl", None, "own", "mtt", None),
+        ("krr_st", "krr_st", None, "eval_lr", "krr_st", None),
         ("ext:krr_st", "external", None, "own", "imported", "krr_st"),
         ("ext:K-1.v2", "external", None, "own", "imported", "K-1.v2"),
     ],

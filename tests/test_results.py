@@ -99,12 +99,12 @@ def test_table_orders_fractions_then_methods_and_formats_cells():
 
 def test_table_without_header_and_unknown_method_last():
     records = [
-        make_record("krr_st", "c10", 0.01, [0], [37.191]),
+        make_record("dsa_set", "c10", 0.01, [0], [37.191]),  # a name mkdt does not know
         make_record("mkdt", "c10", 0.01, [0], [44.357]),
     ]
     lines = results_table(records).splitlines()
     assert lines[0].startswith("| labels |")
-    assert lines[2:] == ["| 1% | MKDT | 44.36 ± 0.00 |", "| 1% | krr_st | 37.19 ± 0.00 |"]
+    assert lines[2:] == ["| 1% | MKDT | 44.36 ± 0.00 |", "| 1% | dsa_set | 37.19 ± 0.00 |"]
 
 
 def test_mkdt_margins_name_the_baselines_mkdt_does_not_beat():
@@ -286,3 +286,40 @@ def test_set_costs_of_older_records_unfinished_stages_and_a_loaded_teacher():
     assert lines[6].startswith("| high-loss subset | teacher, targets, experts, init | – | – | – |")
     assert lines[7].startswith("| full data | teacher, targets | 10.5 | – | 3.2 | teacher loaded")
     assert "evaluation's" not in costs_text(costs)
+
+
+def test_krr_st_is_a_same_size_set_with_its_own_differences_headlines_and_cost():
+    seeds = [0, 1, 2]
+    runs = {
+        "random": [40.0, 40.0, 40.0],
+        "high_loss": [41.0, 41.0, 41.0],
+        "krr_st": [42.0, 43.0, 44.0],  # mean 43: MKDT's best same-size set
+        "mkdt": [45.0, 45.0, 45.0],
+    }
+    records = [make_record(m, "c10", 0.05, seeds, a) for m, a in runs.items()]
+    found = [(c["method"], c["other"]) for c in paired_comparisons(records)]
+    assert found == [
+        ("krr_st", "random"),
+        ("krr_st", "high_loss"),  # not KRR-ST minus MKDT: that pair is MKDT's
+        ("mkdt", "random"),
+        ("mkdt", "high_loss"),
+        ("mkdt", "krr_st"),
+    ]
+    krr, mkdt = headlines(records)
+    assert (krr["method"], krr["best_same_size"]) == ("krr_st", "high_loss")  # never itself
+    assert krr["over_random"]["differences"] == [2.0, 3.0, 4.0]
+    assert (mkdt["best_same_size"], mkdt["over_best"]["differences"]) == ("krr_st", [3.0, 2.0, 1.0])
+    text = comparisons_text(records)
+    assert "each distilled (and KRR-ST) set" in text and "(the subset, KRR-ST, MTT-SSL" in text
+    assert "- **KRR-ST over the random subset: +3.00" in text
+    assert "(and KRR-ST)" not in comparisons_text([r for r in records if r["method"] != "krr_st"])
+    stages = {s: _stage(10.0, 10.0) for s in ("teacher", "targets", "experts", "init")}
+    random_start = set_costs(["krr_st"], {**stages, "krr_st": _stage(100.0, 90.0, init="random")})
+    assert random_start["krr_st"]["stages"] == ["teacher", "targets", "krr_st"]
+    assert random_start["krr_st"]["seconds"] == 120.0 and "random subset" in random_start["krr_st"]["note"]
+    scored = set_costs(["krr_st"], {**stages, "krr_st": _stage(100.0, 90.0, init="high_loss")})["krr_st"]
+    assert (
+        scored["stages"] == ["teacher", "targets", "experts", "init", "krr_st"] and scored["seconds"] == 140.0
+    )
+    unfinished = set_costs(["krr_st"], stages)["krr_st"]
+    assert unfinished["seconds"] is None and "not finished: krr_st" in unfinished["note"]

@@ -1,12 +1,13 @@
 """``mkdt`` command line: a thin layer over the stages' ``run(config, out)``.
 
 mkdt STAGE [--preset NAME] [--config FILE] [--out DIR] [--force] [key=value ...]
-    STAGE: teacher, targets, experts, init, distill, evaluate, run (all stages in order)
+    STAGE: teacher, targets, experts, init, distill, krr_st, evaluate, run (all stages in order;
+    krr_st only when evaluate.methods lists krr_st)
 mkdt analyze NAME [--preset NAME] [--out RUN] [options] [key=value ...]
     NAME: trajectories, replay, variance, mtt, theorem (see `mkdt analyze --help`)
 mkdt report RUN [RUN ...] --out DIR                            tables and figures of runs (HTML, markdown)
 mkdt import NAME SOURCE [--kind K] [--scale S] [--out RUN] [key=value ...]   a set evaluated as ext:NAME
-mkdt export RUN --to DIR [--set mkdt|mtt_ssl|ext:NAME]         a set as PNG files plus its targets
+mkdt export RUN --to DIR [--set mkdt|mtt_ssl|krr_st|ext:NAME]  a set as PNG files plus its targets
 mkdt config  [--preset NAME] [--config FILE] [key=value ...]   print the resolved config
 mkdt presets                                                   list the presets and what each reproduces
 mkdt datasets                                                  list the registered datasets
@@ -68,7 +69,10 @@ PATH_OPTIONS = {
 """The arguments that name files or folders (attribute: how the user wrote it)."""
 WRITTEN_OPTIONS = ("out", "to")
 """The path arguments that commands write into."""
-RUN_HELP = "run every stage in order, skipping finished ones (resumes an interrupted run)"
+RUN_HELP = (
+    "run every stage in order (krr_st when evaluate.methods lists krr_st), skipping finished ones "
+    "(resumes an interrupted run)"
+)
 ANALYSES: dict[str, ModuleType] = {
     "trajectories": trajectories,
     "replay": replay,
@@ -192,13 +196,13 @@ def _writing(args: argparse.Namespace, out: str) -> Iterator[None]:
 
 def _run_stages(args: argparse.Namespace) -> None:
     """``mkdt STAGE`` and ``mkdt run``: the stages into ``--out`` (:func:`_resolve`), holding its
-    lock; rank 0 says when they are done."""
+    lock; rank 0 says which are done."""
     config, out = _resolve(args)
     stages = list(STAGES) if args.command == "run" else [args.command]
     with _writing(args, out):
-        run_stages(config, out, stages, force=args.force, repair=args.repair)
+        records = run_stages(config, out, stages, force=args.force, repair=args.repair)
     if rank_and_world()[0] == 0:
-        print(f"done: {', '.join(stages)} in {out}")
+        print(f"done: {', '.join(records)} in {out}")
 
 
 def _add_analyses(parser: argparse.ArgumentParser) -> None:

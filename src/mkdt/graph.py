@@ -19,6 +19,10 @@ that it was stored. Nor are the variants the distill stage makes (``distill.vari
 is the stage's definition with ``distill.init`` replaced by its subset (its checkpoint is checked
 against that), the stage's record lists the variants made, and adding one to a finished stage makes
 it alone, leaving the main set and the records after the stage valid.
+
+A stage ``wanted`` by some configs only (``krr_st``: when ``evaluate.methods`` lists ``krr_st``) is
+left out of a command of several stages (``mkdt run``) under the others (:func:`pipeline`); asked
+for alone (``mkdt krr_st``) it runs.
 """
 
 from __future__ import annotations
@@ -48,10 +52,20 @@ class Stage:
     keys: tuple[str, ...]  # config keys (leaves or whole sections) that define its result
     settings: tuple[str, ...] = ()  # keys it uses that do not change its result
     reads_if: tuple[tuple[str, Callable[[Config], bool]], ...] = ()  # stages read under a condition
+    wanted: Callable[[Config], bool] | None = None  # when `mkdt run` runs it (None: always)
 
     def inputs(self, config: Config) -> tuple[str, ...]:
         """The stages this stage reads with ``config``."""
         return (*self.reads, *(stage for stage, needed in self.reads_if if needed(config)))
+
+    @property
+    def optional(self) -> bool:
+        """Whether the stage runs under some configs only (:attr:`wanted`)."""
+        return self.wanted is not None
+
+    def wants(self, config: Config) -> bool:
+        """Whether ``mkdt run`` runs the stage under ``config``."""
+        return self.wanted is None or self.wanted(config)
 
     @property
     def command(self) -> str:
@@ -117,6 +131,14 @@ STAGES: dict[str, Stage] = {
             ),
         ),
         Stage(
+            "krr_st",
+            "distill a KRR-ST set from the same targets and init subsets (for evaluate.methods' krr_st)",
+            reads=("init",),
+            keys=("krr_st",),
+            settings=(*RUNTIME_KEYS, "krr_st.checkpoint_every", "krr_st.log_every"),
+            wanted=_evaluates("krr_st"),
+        ),
+        Stage(
             "evaluate",
             "pre-train a student on each set (baselines, MKDT), linear-probe or fine-tune it, write results",
             reads=("targets",),
@@ -129,6 +151,7 @@ STAGES: dict[str, Stage] = {
             reads_if=(
                 ("init", _evaluates(*INIT_METHODS, *LR_MATCHED)),
                 ("distill", _evaluates("mkdt", *LR_MATCHED, *VARIANTS)),
+                ("krr_st", _evaluates("krr_st")),
             ),
         ),
     )
@@ -239,10 +262,23 @@ def _merge(into: dict[str, Any], other: dict[str, Any]) -> None:
             into[key] = value
 
 
+def pipeline(config: Config, asked: list[str]) -> list[str]:
+    """The stages of ``asked`` that a command runs under ``config``, in pipeline order: one stage
+    asked for alone, else those of them the config wants (:meth:`Stage.wants`)."""
+    names = [name for name in STAGES if name in asked]
+    return names if len(names) == 1 else [name for name in names if STAGES[name].wants(config)]
+
+
 def later_stages(stage: str) -> list[str]:
-    """``stage`` and every stage after it, in pipeline order."""
-    names = list(STAGES)
-    return names[names.index(stage) :]
+    """``stage`` and every later stage that may read it, directly or through another one (under
+    any config), in pipeline order: what redoing ``stage`` can invalidate. Siblings that do not
+    read each other (distill and krr_st) are left out."""
+    found = [stage]
+    for name, spec in STAGES.items():
+        may_read = {*spec.reads, *(upstream for upstream, _ in spec.reads_if)}
+        if name not in found and may_read & set(found):
+            found.append(name)
+    return found
 
 
 def stage_keys(stage: str) -> tuple[str, ...]:

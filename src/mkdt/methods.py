@@ -13,6 +13,9 @@ A method name is one of:
 - ``mkdt_<subset>`` (:data:`VARIANTS`): MKDT distilled from another init subset
   (``distill.variants``), at its own learned alpha_syn;
 - ``mtt_ssl``: the MTT-SSL set of ``mkdt analyze mtt``, at its own lr;
+- ``krr_st``: the KRR-ST set of the ``krr_st`` stage (the paper's other self-supervised
+  distillation, from the same teacher, targets and init subsets), at ``evaluate.lr`` (KRR-ST learns
+  no step size);
 - ``ext:NAME``: the set ``mkdt import NAME SOURCE`` wrote to ``RUN/imported/NAME.safetensors``, at
   its own lr (``evaluate.lr``, or the learned one of a set imported from another mkdt run).
 
@@ -46,6 +49,7 @@ METHOD_NAMES = {
     "high_loss": "high-loss subset",
     "random@alpha": "random subset @ MKDT's lr",
     "high_loss@alpha": "high-loss subset @ MKDT's lr",
+    "krr_st": "KRR-ST",
     "mkdt_high_loss": "MKDT (high-loss init)",
     "mkdt_random": "MKDT (random init)",
     "mkdt_sas": "MKDT (SAS init)",
@@ -63,7 +67,7 @@ VARIANTS = ("mkdt_high_loss", "mkdt_random", "mkdt_sas")
 """MKDT distilled from another init subset by the same distill stage (``distill.variants``):
 ``mkdt_<subset>``, pre-trained at its own learned alpha_syn (the paper's "MKDT (Rnd Sub)" is
 ``mkdt_random``)."""
-OPTIONAL_METHODS = (*LR_MATCHED, "mtt_ssl", *VARIANTS)
+OPTIONAL_METHODS = (*LR_MATCHED, "mtt_ssl", "krr_st", *VARIANTS)
 """Accepted by ``evaluate.methods`` but not run by default. The lr-matched controls matter under
 ``evaluate.selection=fixed``, where MKDT pre-trains at its learned step size and the real sets at
 ``evaluate.lr``; under ``tuned`` every set tries the same step sizes, so ``<subset>@alpha`` gives
@@ -87,9 +91,9 @@ BACKENDS = ("auto", "unrolled", "recompute")
 SAS_PROXIES = ("expert", "teacher")
 """The proxy encoders of the SAS subset (``init.sas_proxy``, :mod:`mkdt.train.sas`)."""
 
-Kind = Literal["none", "subset", "full", "distilled", "mtt_ssl", "external"]
+Kind = Literal["none", "subset", "full", "distilled", "mtt_ssl", "krr_st", "external"]
 StepSize = Literal["eval_lr", "alpha", "own"]
-Source = Literal["init", "distill", "variant", "mtt", "imported", "data"]
+Source = Literal["init", "distill", "variant", "mtt", "krr_st", "imported", "data"]
 
 
 @dataclass(frozen=True)
@@ -97,14 +101,15 @@ class Method:
     """A method name as typed fields.
 
     - ``kind``: what the set is: ``none`` (no pre-training), a real ``subset``, the ``full`` data,
-      a ``distilled`` MKDT set, the ``mtt_ssl`` set or an ``external`` (imported) one;
+      a ``distilled`` MKDT set, the ``mtt_ssl`` set, the ``krr_st`` set or an ``external``
+      (imported) one;
     - ``subset``: the init subset of a real subset, an lr-matched control or a variant; else None;
     - ``step_size``: the pre-training lr: ``eval_lr`` (``evaluate.lr``), ``alpha`` (MKDT's learned
       alpha_syn) or ``own`` (the set's own stored lr); None without pre-training;
     - ``source``: the artifact its images come from: ``init`` (the init stage's indices into
       D_real), ``distill`` (the distilled set), ``variant`` (``distill/variants/<subset>/``),
-      ``mtt`` (``mkdt analyze mtt``), ``imported`` (``mkdt import``), ``data`` (D_real); None
-      without pre-training;
+      ``mtt`` (``mkdt analyze mtt``), ``krr_st`` (the krr_st stage), ``imported`` (``mkdt
+      import``), ``data`` (D_real); None without pre-training;
     - ``external``: NAME of ``ext:NAME``; else None;
     - ``label``: the human name of tables and figures.
     """
@@ -157,6 +162,7 @@ def _named_methods() -> dict[str, Method]:
             for s in INIT_METHODS
         ),
         Method("mtt_ssl", "mtt_ssl", label["mtt_ssl"], step_size="own", source="mtt"),
+        Method("krr_st", "krr_st", label["krr_st"], step_size="eval_lr", source="krr_st"),
     ]
     return {m.name: m for m in methods}
 

@@ -32,11 +32,11 @@ from mkdt.data.real import RealData, load_real
 from mkdt.downstream import available_tasks, check_validation_splits, load_task, window_summary
 from mkdt.errors import ArtifactError
 from mkdt.files import logged_to, read_tensor_names, write_text
-from mkdt.graph import STAGES, defining, later_stages
+from mkdt.graph import STAGES, defining, later_stages, pipeline
 from mkdt.methods import parse_method
 from mkdt.nn.loading import load_encoder
 from mkdt.runtime import Runtime
-from mkdt.stages import distill, evaluate, experts, init, targets, teacher
+from mkdt.stages import distill, evaluate, experts, init, krr_st, targets, teacher
 from mkdt.stages.context import check_budgets, check_disk, estimated_bytes, require_prerequisites
 from mkdt.store import RunDir
 
@@ -47,6 +47,7 @@ RUNNERS: dict[str, StageRun] = {
     "experts": experts.run,
     "init": init.run,
     "distill": distill.run,
+    "krr_st": krr_st.run,
     "evaluate": evaluate.run,
 }
 
@@ -60,7 +61,7 @@ class Plan:
     store: RunDir
     runtime: Runtime
     real: RealData
-    names: list[str]  # the stages asked for, in pipeline order
+    names: list[str]  # the stages asked for that the config wants (graph.pipeline), in pipeline order
     todo: list[str]  # those that run: every one with force, else the unfinished ones
     needed: int  # about the bytes the artifacts of ``todo`` take
     skipped: dict[str, str]  # tasks the evaluation leaves out (evaluate.missing_tasks=skip): a line each
@@ -71,7 +72,9 @@ class Plan:
 def run_stages(
     config: Config, out: str | Path, stages: list[str], *, force: bool = False, repair: bool = False
 ) -> dict[str, dict[str, Any]]:
-    """Run ``stages`` (in pipeline order) into ``out``; finished compatible stages are skipped.
+    """Run ``stages`` (in pipeline order) into ``out``; finished compatible stages are skipped, and
+    so is a stage the config does not want when several are asked for (:func:`mkdt.graph.pipeline`:
+    krr_st unless ``evaluate.methods`` lists it).
 
     Before anything is written (:func:`check`): the device, D_real, the sizes it must satisfy,
     the files of the evaluation's tasks (a missing one is refused or, ``evaluate.missing_tasks=skip``,
@@ -108,7 +111,7 @@ def check(config: Config, out: str | Path, stages: list[str], *, force: bool, re
     (:func:`_check_sets`), and the bytes the running stages will write. Raises the first failed
     check's MkdtError."""
     store = RunDir(out)
-    names = [name for name in STAGES if name in stages]
+    names = pipeline(config, stages)
     runtime = Runtime.create(config.device, config.precision, config.channels_last, config.compile)
     real = load_real(config.data, config.seed, runtime.device)
     check_budgets(config, real.data, names)
@@ -161,7 +164,8 @@ def _check_prerequisites(config: Config, store: RunDir, names: list[str], todo: 
     (:func:`_extends`), except those an earlier stage of the command makes
     (:func:`mkdt.stages.context.require_prerequisites`), and, when the init stage is not part of
     the command, that its finished subsets include those the distill stage starts from
-    (``distill.init`` and ``distill.variants``) when it runs or extends."""
+    (``distill.init`` and ``distill.variants``) when it runs or extends, and ``krr_st.init`` when
+    the krr_st stage runs."""
     order = list(STAGES)
     reading = [name for name in names if name in todo or _extends(config, store, name)]
     for name in reading:
@@ -169,8 +173,11 @@ def _check_prerequisites(config: Config, store: RunDir, names: list[str], todo: 
         require_prerequisites(
             config, store, name, made, lambda stage: f"{STAGES[stage].command} --out {store.path}"
         )
-    if "distill" in reading and "init" not in names:
-        store.load_indices(config.init.images, {config.distill.init, *config.distill.variants})
+    if "init" not in names:
+        starts = {config.distill.init, *config.distill.variants} if "distill" in reading else set()
+        starts |= {config.krr_st.init} if "krr_st" in reading else set()
+        if starts:
+            store.load_indices(config.init.images, starts)
 
 
 def _shape(real: RealData) -> tuple[int, int]:
@@ -300,11 +307,13 @@ def _discard_damaged(plan: Plan, name: str) -> tuple[dict[str, Any] | None, list
 
 
 def _start_stage(plan: Plan, name: str) -> str | None:
-    """Before a stage that runs: rank 0 prints ``stage i/N: name``; before distill with
+    """Before a stage that runs: rank 0 prints ``stage i/N: name`` (its place among the stages
+    the config wants); before distill with
     ``distill.check_window``, rank 0 runs :func:`check_window` and every rank waits at a barrier
     after. Returns the check's warning (None without one)."""
     if plan.runtime.is_main:
-        print(f"stage {list(STAGES).index(name) + 1}/{len(STAGES)}: {name}", flush=True)
+        order = [stage for stage in STAGES if stage == name or STAGES[stage].wants(plan.config)]
+        print(f"stage {order.index(name) + 1}/{len(order)}: {name}", flush=True)
     if name != "distill" or not plan.config.distill.check_window:
         return None
     warning = check_window(plan.config, plan.store, plan.real, plan.runtime) if plan.runtime.is_main else None

@@ -33,9 +33,12 @@ from mkdt.methods import PROTOCOL_TITLES, PROTOCOLS, is_method, method_label, me
 MISSING = "–"
 CONFIDENCE = 0.95
 """The coverage of the paired intervals (:func:`t_interval`)."""
-SAME_SIZE_KINDS = ("subset", "mtt_ssl", "external")
+SAME_SIZE_KINDS = ("subset", "mtt_ssl", "krr_st", "external")
 """The kinds of :class:`~mkdt.methods.Method` whose sets are the distilled set's size (or chosen to be
 compared at it): what "the best same-size set" of :func:`headlines` is chosen among."""
+COMPARED_KINDS = ("distilled", "krr_st")
+"""The kinds whose paired differences with the other sets are listed (:func:`paired_comparisons`)
+and summed up in :func:`headlines`: MKDT's sets, and KRR-ST, the paper's other distillation."""
 
 
 def summarise(accuracies: Sequence[float]) -> tuple[float, float]:
@@ -305,6 +308,11 @@ def is_distilled(method: str) -> bool:
     return is_method(method) and parse_method(method).kind == "distilled"
 
 
+def is_compared(method: str) -> bool:
+    """Whether ``method``'s paired differences are listed (:data:`COMPARED_KINDS`)."""
+    return is_method(method) and parse_method(method).kind in COMPARED_KINDS
+
+
 def is_same_size(method: str) -> bool:
     """Whether ``method`` is one of the same-size sets (:data:`SAME_SIZE_KINDS`): not
     ``no_pretrain``, ``full`` or a distilled set."""
@@ -334,47 +342,52 @@ def _settings(records: Sequence[dict[str, Any]]) -> dict[Setting, list[dict[str,
 def paired_comparisons(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     """For every setting (protocol, task, label fraction) and every distilled set in it
     (:func:`is_distilled`), its :func:`paired_difference` with every other method of the setting
-    that shares a seed with it (``full``, ``no_pretrain``, the subsets, the other distilled sets,
-    ...). Settings in the order of :func:`_settings`, methods and others in table order."""
+    that shares a seed with it (``full``, ``no_pretrain``, the subsets, KRR-ST, the other distilled
+    sets, ...); for KRR-ST (:func:`is_compared`) the same with every method but the distilled sets
+    (their difference with KRR-ST is listed from their side). Settings in the order of
+    :func:`_settings`, methods and others in table order."""
     comparisons = []
     for group in _settings(records).values():
         for record in group:
-            if not is_distilled(record["method"]):
+            if not is_compared(record["method"]):
                 continue
-            for other in group:
+            others = [o for o in group if is_distilled(record["method"]) or not is_distilled(o["method"])]
+            for other in others:
                 if other is not record and (pair := paired_difference(record, other)) is not None:
                     comparisons.append(pair)
     return comparisons
 
 
-def best_same_size(group: Sequence[dict[str, Any]]) -> str | None:
-    """The same-size method (:func:`is_same_size`) with the highest mean among the records of one
-    setting (the first in table order on ties); None when none has a mean."""
+def best_same_size(group: Sequence[dict[str, Any]], besides: str | None = None) -> str | None:
+    """The same-size method (:func:`is_same_size`) other than ``besides`` with the highest mean
+    among the records of one setting (the first in table order on ties); None when none has a
+    mean."""
     best: tuple[float, str] | None = None
-    for r in sorted(group, key=lambda r: method_order(r["method"])):
-        if is_same_size(r["method"]) and r["mean"] is not None and (best is None or r["mean"] > best[0]):
+    candidates = [r for r in group if is_same_size(r["method"]) and r["method"] != besides]
+    for r in sorted(candidates, key=lambda r: method_order(r["method"])):
+        if r["mean"] is not None and (best is None or r["mean"] > best[0]):
             best = (r["mean"], r["method"])
     return None if best is None else best[1]
 
 
 def headlines(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Per setting and distilled set with results, the two numbers that say whether distilling
-    helps::
+    """Per setting and distilled or KRR-ST set with results (:func:`is_compared`), the two numbers
+    that say whether distilling helps::
 
         {"protocol", "task", "label_fraction", "method",
          "over_random": comparison or None, "best_same_size": method or None,
          "over_best": comparison or None}
 
     ``over_random`` is its :func:`paired_difference` with the random subset, ``over_best`` with
-    the :func:`best_same_size` set of the setting (chosen by mean accuracy); None where that set
-    has no record or shares no seed with it."""
+    the :func:`best_same_size` set of the setting other than itself (chosen by mean accuracy);
+    None where that set has no record or shares no seed with it."""
     found = []
     for (protocol, task, fraction), group in _settings(records).items():
         by_method = {r["method"]: r for r in group}
-        best = best_same_size(group)
         for record in group:
-            if not is_distilled(record["method"]) or not record["seeds"]:
+            if not is_compared(record["method"]) or not record["seeds"]:
                 continue
+            best = best_same_size(group, besides=record["method"])
             random, top = by_method.get("random"), by_method.get(best) if best else None
             found.append(
                 {
@@ -434,13 +447,15 @@ def comparisons_text(records: Sequence[dict[str, Any]]) -> str:
     for h in headlines(records):
         lines = by_setting.setdefault((h["protocol"], h["task"], h["label_fraction"]), [])
         lines += [f"- **{line}**" for line in headline_lines(h)]
+    krr = any(is_compared(r["method"]) and not is_distilled(r["method"]) for r in records)
     lines = [
         "Paired differences (95% t-interval over seeds)",
         "",
-        "Accuracy points of each distilled set minus each other set on the same seed (the same labels "
-        "and pre-training seed), averaged over the seeds both have; the interval is mean ± "
-        "t(0.975, n - 1) * sd / sqrt(n). In bold: the gain over the random subset and over the best "
-        "same-size set (the subset, MTT-SSL or imported set with the highest mean accuracy).",
+        f"Accuracy points of each distilled{' (and KRR-ST)' if krr else ''} set minus each other set on "
+        "the same seed (the same labels and pre-training seed), averaged over the seeds both have; the "
+        "interval is mean ± t(0.975, n - 1) * sd / sqrt(n). In bold: the gain over the random subset "
+        f"and over the best same-size set (the subset, {'KRR-ST, ' if krr else ''}MTT-SSL or imported "
+        "set with the highest mean accuracy).",
     ]
     for setting, found in by_setting.items():
         lines += ["", f"{setting_title(setting)}:", *found]
@@ -454,25 +469,52 @@ MADE_BY = {
     "full": ("teacher", "targets"),
     "subset": ("teacher", "targets", "experts", "init"),
     "distilled": ("teacher", "targets", "experts", "init", "distill"),
+    "krr_st": ("teacher", "targets", "experts", "init", "krr_st"),
 }
 """The stages whose work produces a set, by :class:`~mkdt.methods.Method` kind: ``full`` needs the
 teacher's targets for all of D_real, the scored subsets the experts' losses and the init stage, a
-distilled set all of them and distillation."""
+distilled set all of them and distillation, KRR-ST the same with its own stage (less the experts
+and init when it starts from the random subset, :func:`producing_stages`)."""
 
 
-def producing_stages(method: str) -> tuple[str, ...] | None:
+def krr_st_start(records: Mapping[str, dict[str, Any] | None]) -> str | None:
+    """The init subset the finished krr_st stage started from (its record's ``init``); None when
+    it has not finished."""
+    record = records.get("krr_st")
+    return None if record is None else record["result"].get("init")
+
+
+def producing_stages(
+    method: str, records: Mapping[str, dict[str, Any] | None] | None = None
+) -> tuple[str, ...] | None:
     """The stages whose work a set needs (:data:`MADE_BY`); () for no pre-training and the random
-    subset (drawing indices); None for sets made outside the stages (MTT-SSL, imported sets)."""
+    subset (drawing indices); teacher, targets and krr_st for a KRR-ST set that started from the
+    random subset (:func:`krr_st_start` of the stage ``records``); None for sets made outside the
+    stages (MTT-SSL, imported sets)."""
     m = parse_method(method)
     if m.kind == "subset" and m.subset == "random":
         return ()
+    if m.kind == "krr_st" and krr_st_start(records or {}) == "random":
+        return ("teacher", "targets", "krr_st")
     return MADE_BY.get(m.kind)
+
+
+def _krr_st_notes(records: Mapping[str, dict[str, Any] | None]) -> list[str]:
+    """What the cost of the KRR-ST set counts of its start."""
+    start = krr_st_start(records)
+    if start == "random":
+        return [
+            "starts from the random subset (drawn indices): the experts' and init stage's work not counted"
+        ]
+    if start is not None:
+        return [f"starts from the {start} subset: the init stage's time covers all its subsets together"]
+    return []
 
 
 def _cost_notes(method: str, records: Mapping[str, dict[str, Any] | None]) -> list[str]:
     """What a reader of the cost of ``method``'s set must know: what is shared or not counted."""
-    m, stages = parse_method(method), producing_stages(method) or ()
-    notes = []
+    m, stages = parse_method(method), producing_stages(method, records) or ()
+    notes = _krr_st_notes(records) if m.kind == "krr_st" else []
     if m.kind == "none":
         notes.append("no set")
     elif m.kind == "subset" and m.subset == "random":
@@ -504,7 +546,7 @@ def set_cost(method: str, records: Mapping[str, dict[str, Any] | None]) -> dict[
     the wall-clock and CPU seconds summed over :func:`producing_stages` (each stage in full, even
     when other sets share it); None where a stage has not finished, where a record predates
     ``cpu_seconds``, and for sets made outside the stages."""
-    stages = producing_stages(method)
+    stages = producing_stages(method, records)
     if stages is None:
         outside = parse_method(method).kind == "mtt_ssl"
         note = "made outside the pipeline's stages (`mkdt analyze mtt`)" if outside else "imported"

@@ -19,6 +19,9 @@ Stages talk to each other only through this store. Layout of a run directory ``O
     OUT/distill/variants/<init>/             synthetic.safetensors, grid.png, checkpoint.pt,
                                              history.csv, snapshot_<it>.safetensors of the variant
                                              that starts from init subset <init> (``distill.variants``)
+    OUT/krr_st/synthetic.safetensors         ``images``, ``targets``, ``lr`` (the KRR-ST set; the
+                                             distilled set's format)
+    OUT/krr_st/checkpoint.pt                 resumable KRR-ST state (set, optimizer, student pool)
     OUT/evaluate/partial.json                finished (method, seed) evaluations
     OUT/results.json                         the evaluation's records, paired comparisons, headlines
                                              (and the sets' costs when given): {"records", ...}
@@ -690,6 +693,40 @@ class RunDir:
         except (OSError, KeyError, ValueError, AttributeError) as exc:
             raise ArtifactError(f"cannot read {self.history_path} ({exc})") from None
         return history
+
+    # ------------------------------------------------------------ krr_st
+
+    @property
+    def krr_st_set_path(self) -> Path:
+        """``krr_st/synthetic.safetensors``: the KRR-ST set, in the distilled set's format."""
+        return self.stage_dir("krr_st") / "synthetic.safetensors"
+
+    @property
+    def krr_st_checkpoint_path(self) -> Path:
+        """``krr_st/checkpoint.pt``: the resumable KRR-ST state."""
+        return self.stage_dir("krr_st") / "checkpoint.pt"
+
+    def save_krr_st(
+        self, synthetic: SyntheticSet, mean: tuple[float, ...], std: tuple[float, ...], iterations: int
+    ) -> None:
+        """The KRR-ST set after ``iterations`` (``images`` normalised like D_real, ``targets``,
+        ``lr``: the step size its pool students trained at); ``mean``/``std`` map its images back
+        to pixels (x * std + mean). ArtifactError when its images or targets are not finite."""
+        if not (torch.isfinite(synthetic.images).all() and torch.isfinite(synthetic.targets).all()):
+            raise ArtifactError(
+                "KRR-ST ended with non-finite images or targets; lower krr_st.outer_lr and rerun "
+                f"`mkdt krr_st --force --out {self.path}`"
+            )
+        save_tensors(
+            self.krr_st_set_path,
+            {"images": synthetic.images, "targets": synthetic.targets, "lr": torch.tensor(synthetic.lr)},
+            {"mean": list(mean), "std": list(std), "iterations": iterations},
+        )
+
+    def load_krr_st(self, lr: float) -> SyntheticSet:
+        """The KRR-ST set, to be pre-trained at ``lr`` (KRR-ST learns no step size)."""
+        tensors = load_tensors(self.krr_st_set_path)[0]
+        return SyntheticSet(tensors["images"], tensors["targets"], lr)
 
     # ------------------------------------------------------------ mkdt analyze mtt
 

@@ -180,6 +180,23 @@ def test_a_killed_torchrun_job_resumes_with_the_same_command(tmp_path):
     assert not list((tmp_path / "run").rglob("*.tmp"))
 
 
+def test_krr_st_under_torchrun_gives_the_single_process_set(tmp_path):
+    # every rank runs the whole KRR-ST loop with the same draws and rank 0 writes: one result, the
+    # bits of one process given the same teacher, targets and init subsets
+    krr = ["evaluate.methods=[no_pretrain,krr_st]", "krr_st.iterations=3", "krr_st.num_models=2"]
+    krr += ["krr_st.online_iterations=3", "krr_st.outer_batch_size=32", "krr_st.checkpoint_every=2"]
+    _single(*_mkdt(tmp_path / "one", tmp_path / "cache", *krr))
+    two = tmp_path / "two"
+    for stage in ("teacher", "targets", "experts", "init"):
+        shutil.copytree(tmp_path / "one" / stage, two / stage)
+    done = _torchrun("-m", "mkdt", "krr_st", "--out", str(two), *_mkdt(two, tmp_path / "cache", *krr)[5:])
+    assert done.stdout.count("done: krr_st") == 1
+    name = "krr_st/synthetic.safetensors"
+    a, b = load_file(tmp_path / "one" / name), load_file(two / name)
+    assert all(torch.equal(a[key], b[key]) for key in a)
+    assert (two / "krr_st/stage.json").is_file() and RunDir(tmp_path / "one").load_results()
+
+
 def test_targets_under_torchrun_equal_one_process(tmp_path):
     _single(*_mkdt(tmp_path / "one", tmp_path / "cache"))
     two = tmp_path / "two"

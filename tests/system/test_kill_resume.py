@@ -20,6 +20,10 @@ from tests.helpers import TINY
 pytestmark = pytest.mark.slow  # real runs killed and resumed: minutes
 
 ARGS = [*TINY, "teacher.probe=false", "evaluate.seeds=1"]
+# KRR-ST too: a tiny krr_st stage (checkpoints after steps 2 and 4) and its evaluation
+ARGS += ["evaluate.methods=[no_pretrain,random,sas,high_loss,full,krr_st,mkdt]", "krr_st.iterations=4"]
+ARGS += ["krr_st.num_models=2", "krr_st.online_iterations=3", "krr_st.outer_batch_size=64"]
+ARGS += ["krr_st.checkpoint_every=2"]
 # files that hold timestamps, timings or a log of the attempts
 VOLATILE = {"stage.json", "manifest.json", "checkpoint.pt", "partial.json", "log.txt"}
 
@@ -64,6 +68,8 @@ KILLS: list[tuple[str, Callable[[Path], bool]]] = [
     ("init: inside the write", _writing("init", "indices.safetensors")),
     ("distill: inside a checkpoint write", _writing("distill", "checkpoint.pt")),
     ("distill: inside the set's write", _writing("distill", "synthetic.safetensors")),
+    ("krr_st: inside a checkpoint write", _writing("krr_st", "checkpoint.pt")),
+    ("krr_st: inside the set's write", _writing("krr_st", "synthetic.safetensors")),
     ("evaluate: after the first pre-training", _exists("evaluate/partial.json")),
     ("evaluate: inside the results write", _writing(".", "results.json")),
 ]

@@ -419,6 +419,68 @@ class DistillConfig:
 
 
 @dataclass
+class KRRSTConfig:
+    """The krr_st stage: KRR-ST (Lee et al., ICLR 2024), the paper's other self-supervised
+    distillation, from the same teacher, targets and init subsets (docs/method.md §2.7). The
+    defaults are the authors' release (github.com/db-Lee/selfsup_dd, train.py)."""
+
+    init: str = opt(
+        "random",
+        "initial images (and targets): the init subset random (the release's: a random real subset), "
+        "high_loss or sas; of size init.images",
+    )
+    iterations: int = opt(
+        160000,
+        "outer steps (the release's 160000 take a GPU; the outer learning rate decays linearly to "
+        "1/1000 of krr_st.outer_lr over them)",
+    )
+    num_models: int = opt(10, "students in the pool whose features the kernel uses")
+    online_iterations: int = opt(
+        1000,
+        "SGD steps a pool student takes on the synthetic set (one per outer step that draws it) "
+        "before it is replaced by a fresh one; each starts with a random number of steps in "
+        "[1, online_iterations)",
+    )
+    online_lr: float = opt(
+        0.1, "SGD learning rate of the pool students (full-batch MSE on the synthetic set)"
+    )
+    online_momentum: float = opt(0.9, "SGD momentum of the pool students")
+    online_weight_decay: float = opt(1e-3, "SGD weight decay of the pool students")
+    outer_lr: float = opt(
+        1e-3, "AdamW learning rate of the synthetic images (0-1 pixel units) and targets; no weight decay"
+    )
+    outer_batch_size: int = opt(1024, "real images per outer step (all of D_real when it has fewer)")
+    ridge: float = opt(1e-6, "kernel ridge lambda relative to the trace of the synthetic kernel")
+    augment: bool = opt(
+        True,
+        "true (the release): each real batch is randomly cropped (zero padding of 4 px, side / 8 "
+        "below 32 px) and flipped, and its targets are the teacher's features of those images, "
+        "computed every step; false: the targets stage's features of the unaugmented images (no "
+        "teacher pass: much faster on a CPU)",
+    )
+    checkpoint_every: int = opt(500, "save a resumable checkpoint every this many outer steps")
+    log_every: int = opt(
+        10, "read the loss back from the device (progress bar, divergence check) every this many steps"
+    )
+
+    def validate(self) -> None:
+        """Raise ConfigError naming the first bad key of this section."""
+        _at_least(
+            self, "krr_st", ("iterations", "num_models", "outer_batch_size", "checkpoint_every", "log_every")
+        )
+        _at_least(self, "krr_st", ("online_iterations",), low=2)
+        _one_of(self.init, INIT_METHODS, "krr_st.init")
+        for key in ("online_lr", "outer_lr", "ridge"):
+            _rate(getattr(self, key), f"krr_st.{key}")
+        _momentum(self.online_momentum, "krr_st.online_momentum")
+        check(
+            math.isfinite(self.online_weight_decay) and self.online_weight_decay >= 0,
+            "krr_st.online_weight_decay",
+            "must be a finite number >= 0",
+        )
+
+
+@dataclass
 class FinetuneConfig:
     """The fine-tuning protocol's recipe (KRR-ST's, docs/method.md §5): used when
     ``evaluate.protocols`` lists ``finetune``."""
@@ -459,7 +521,8 @@ class EvaluateConfig:
         "pre-training sets to compare: "
         + ", ".join(EVAL_METHODS + OPTIONAL_METHODS)
         + " (not run by default: <subset>@alpha, the lr-matched controls of the fixed protocol; "
-        "mtt_ssl, the set of `mkdt analyze mtt`; mkdt_<subset>, MKDT "
+        "mtt_ssl, the set of `mkdt analyze mtt`; krr_st, the set of the krr_st stage; mkdt_<subset>, "
+        "MKDT "
         "distilled from that init subset, listed in distill.variants), and ext:NAME for each set "
         "imported with `mkdt import NAME SOURCE`",
     )
@@ -607,6 +670,9 @@ class Config:
     experts: ExpertsConfig = opt(ExpertsConfig(), "stage 3: KD expert trajectories")
     init: InitConfig = opt(InitConfig(), "stage 4: initial synthetic images")
     distill: DistillConfig = opt(DistillConfig(), "stage 5: trajectory matching")
+    krr_st: KRRSTConfig = opt(
+        KRRSTConfig(), "KRR-ST: the paper's other distillation, run when evaluate.methods lists krr_st"
+    )
     evaluate: EvaluateConfig = opt(EvaluateConfig(), "stage 6: pre-train on each set, linear-probe")
 
     def validate(self) -> Config:
@@ -621,6 +687,7 @@ class Config:
             self.experts,
             self.init,
             self.distill,
+            self.krr_st,
             self.evaluate,
         ):
             section.validate()

@@ -1,4 +1,4 @@
-"""``mkdt export RUN --to DIR [--set mkdt|mtt_ssl|ext:NAME]``: a run's pre-training set as PNG files.
+"""``mkdt export RUN --to DIR [--set mkdt|mtt_ssl|krr_st|ext:NAME]``: a run's pre-training set as PNG files.
 
 Layout of ``DIR`` (:data:`README`), an ImageFolder tree with one folder (a distilled set has no
 labels)::
@@ -65,7 +65,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--set",
         default="mkdt",
         metavar="SET",
-        help="mkdt (the distilled set, default), mtt_ssl (mkdt analyze mtt) or ext:NAME (mkdt import)",
+        help="mkdt (the distilled set, default), mtt_ssl (mkdt analyze mtt), krr_st (mkdt krr_st) or "
+        "ext:NAME (mkdt import)",
     )
 
 
@@ -83,10 +84,12 @@ def set_path(store: RunDir, name: str) -> Path:
         path, command = store.synthetic_path, f"mkdt distill --out {store.path}"
     elif source == "mtt":
         path, command = store.mtt_ssl_path, f"mkdt analyze mtt --out {store.path}"
+    elif source == "krr_st":
+        path, command = store.krr_st_set_path, f"mkdt krr_st --out {store.path}"
     elif ext is not None:
         path, command = store.imported_path(ext), f"mkdt import {ext} SOURCE --out {store.path}"
     else:
-        raise ConfigError(f"--set {name!r}: choose mkdt, mtt_ssl or ext:NAME")
+        raise ConfigError(f"--set {name!r}: choose mkdt, mtt_ssl, krr_st or ext:NAME")
     if not path.is_file():
         raise ArtifactError(f"no set {name} in {store.path} ({path} is missing); run `{command}` first")
     return path

@@ -366,12 +366,13 @@ class RunReport:
 
     def stages(self) -> list[str]:
         """When each finished stage ended and how long it took (wall clock and CPU time; "–" for CPU
-        time in records written before it was kept)."""
+        time in records written before it was kept); the unfinished ones, optional stages (krr_st)
+        left out."""
         rows = [(s, self.records.get(s)) for s in STAGES]
         done = [(s, r) for s, r in rows if r is not None]
         if not done:
             raise ArtifactError("no stage has finished yet")
         lines = ["| stage | finished | seconds | CPU seconds |", "|---|---|---|---|"]
         lines += [f"| {s} | {r['finished']} | {r['seconds']:.0f} | {_cpu_seconds(r)} |" for s, r in done]
-        missing = [s for s, r in rows if r is None]
+        missing = [s for s, r in rows if r is None and not STAGES[s].optional]
         return lines + (["", note(f"not finished: {', '.join(missing)}")] if missing else [])

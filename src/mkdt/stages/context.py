@@ -28,7 +28,7 @@ def check_budgets(config: Config, data: ImageData, stages: Iterable[str]) -> Non
         raise ConfigError(
             f"teacher.batch_size ({config.teacher.batch_size}) is larger than D_real ({n} images)"
         )
-    if stages & {"init", "distill", "evaluate"} and config.init.images > n:
+    if stages & {"init", "distill", "krr_st", "evaluate"} and config.init.images > n:
         raise ConfigError(f"init.images ({config.init.images}) is larger than D_real ({n} images)")
     if "init" in stages and (k := config.init.sas_clusters or 0) > n:
         raise ConfigError(f"init.sas_clusters ({k}) is larger than D_real ({n} images)")
@@ -60,6 +60,9 @@ def estimated_bytes(config: Config, data: ImageData, stage: str) -> int:
         return 4 * n + 24 * images
     if stage == "distill":  # the set and each of distill.variants
         return distilled_set_bytes(config, data) * (1 + len(config.distill.variants))
+    if stage == "krr_st":  # the set, its checkpoint (the set, Adam's moments, the pool) and temp copies
+        pool = config.krr_st.num_models * num_params(student) * 4 * 2 * 2
+        return 4 * images * (c * size**2 + dim) * 8 + pool
     return 1 << 20  # evaluate: JSON and markdown
 
 

@@ -12,6 +12,8 @@ Pre-training sets (``evaluate.methods``):
 - ``mkdt_<subset>`` (only when listed, and listed in ``distill.variants``): the distill stage's
   variant that starts from that init subset (``distill/variants/<subset>/``), at its own learned
   alpha_syn, e.g. ``mkdt_random``, the paper's "MKDT (Rnd Sub)";
+- ``krr_st`` (only when listed): the KRR-ST set of the krr_st stage (``krr_st/``), at
+  ``evaluate.lr`` (KRR-ST learns no step size);
 - ``mtt_ssl`` (only when listed): the MTT-SSL set written by ``mkdt analyze mtt``, at its own lr
   (``evaluate.lr``); rerun this stage with ``--force`` after rerunning that analysis;
 - ``ext:NAME`` (only when listed): the set ``mkdt import NAME SOURCE`` wrote to
@@ -81,7 +83,8 @@ from mkdt.stages.context import StageContext
 from mkdt.store import RunDir, SyntheticSet
 
 STAGE = "evaluate"
-UPSTREAM = ("teacher", "targets", "experts", "init", "distill")  # the stages whose cost a set may carry
+# the stages whose cost a set may carry
+UPSTREAM = ("teacher", "targets", "experts", "init", "distill", "krr_st")
 
 
 # ---------------------------------------------------------------- pre-training
@@ -102,6 +105,8 @@ def pretraining_sets(
             sets[m.name] = synthetic
         elif m.source == "mtt":
             sets[m.name] = store.load_mtt_ssl()
+        elif m.source == "krr_st":
+            sets[m.name] = store.load_krr_st(lr)
         elif m.source == "data":
             sets[m.name] = SyntheticSet(real.inputs, z, lr)
         elif m.external is not None:
@@ -160,7 +165,7 @@ def table_header(config: Config, data: ImageData, sets: dict[str, SyntheticSet |
         f"{student_model(config).arch} students pre-trained on {config.data.name} "
         f"({data.num_train} images); {selection_phrase(config)}"
     ]
-    if any(m.kind == "distilled" or m.name in INIT_METHODS for m in map(parse_method, sets)):
+    if any(m.kind in ("distilled", "krr_st") or m.name in INIT_METHODS for m in map(parse_method, sets)):
         parts.append(f"|D_syn| = {config.init.images}")
     if (mkdt := sets.get("mkdt")) is not None:
         parts.append(f"MKDT learned lr {mkdt.lr:.4g}")
