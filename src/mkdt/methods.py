@@ -78,6 +78,10 @@ METHOD_CHOICES = (
 )
 """The accepted names, as error messages list them."""
 
+SAME_SIZE_KINDS = ("subset", "mtt_ssl", "krr_st", "external")
+"""The kinds of :class:`Method` whose sets are the distilled set's size (or chosen to be compared
+at it): what "the best same-size set" of :func:`mkdt.results.headlines` is chosen among."""
+
 PROTOCOLS = ("probe", "finetune")
 """The downstream protocols, in the order of records and tables: ``probe`` (a linear probe on the
 frozen features) and ``finetune`` (the whole encoder and a new linear head trained on the labels)."""

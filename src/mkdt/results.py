@@ -28,14 +28,19 @@ import statistics
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-from mkdt.methods import PROTOCOL_TITLES, PROTOCOLS, is_method, method_label, method_order, parse_method
+from mkdt.methods import (
+    PROTOCOL_TITLES,
+    PROTOCOLS,
+    SAME_SIZE_KINDS,
+    is_method,
+    method_label,
+    method_order,
+    parse_method,
+)
 
 MISSING = "–"
 CONFIDENCE = 0.95
 """The coverage of the paired intervals (:func:`t_interval`)."""
-SAME_SIZE_KINDS = ("subset", "mtt_ssl", "krr_st", "external")
-"""The kinds of :class:`~mkdt.methods.Method` whose sets are the distilled set's size (or chosen to be
-compared at it): what "the best same-size set" of :func:`headlines` is chosen among."""
 COMPARED_KINDS = ("distilled", "krr_st")
 """The kinds whose paired differences with the other sets are listed (:func:`paired_comparisons`)
 and summed up in :func:`headlines`: MKDT's sets, and KRR-ST, the paper's other distillation."""
@@ -548,7 +553,7 @@ def set_cost(method: str, records: Mapping[str, dict[str, Any] | None]) -> dict[
     ``cpu_seconds``, and for sets made outside the stages."""
     stages = producing_stages(method, records)
     if stages is None:
-        outside = parse_method(method).kind == "mtt_ssl"
+        outside = parse_method(method).source == "mtt"
         note = "made outside the pipeline's stages (`mkdt analyze mtt`)" if outside else "imported"
         return {"stages": [], "seconds": None, "cpu_seconds": None, "note": note}
     notes = _cost_notes(method, records)
