@@ -363,13 +363,14 @@ def validation_split(
 
 
 def task_validation_split(
-    config: Config, name: str, task: ImageData, fraction: float, seed: int
+    config: Config, name: str, task: ImageData, fraction: float, seed: int, labels: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The (fit, held-out) split of :func:`task_labels` of ``name`` at ``fraction`` for evaluation
     seed ``seed``, drawn from ``derive_seed(seed, "validation", task, fraction, s)``: the same for
     every method and step size. DataError when nothing can be held out (every class has a single
     labelled image)."""
-    _, labels = task_labels(config, name, task, fraction, seed)
+    if labels is None:  # the labels of task_labels, drawn here unless the caller has them
+        _, labels = task_labels(config, name, task, fraction, seed)
     stream = derive_seed(config.seed, "validation", name, fraction, seed)
     fit, held = validation_split(labels, config.evaluate.validation_fraction, task.num_classes, stream)
     if len(held) == 0:
@@ -424,7 +425,7 @@ def tuned_probe(
         test_x: dict[float, torch.Tensor] = {}
         for fraction in v.label_fractions:
             images, labels = task_labels(config, name, task, fraction, seed)
-            fit, held = task_validation_split(config, name, task, fraction, seed)
+            fit, held = task_validation_split(config, name, task, fraction, seed, labels)
             features = {
                 lr: encode(s, images.to(device), v.batch_size, normalize=reference.normalize)
                 for lr, s in students.items()

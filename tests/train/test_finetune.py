@@ -204,7 +204,7 @@ def finetuned(tmp_path_factory):
     real = evaluate.finetune
 
     def spy(config, student_for, tasks, *args):
-        student = student_for(*next(iter(tasks.items())))  # the fixed protocol: one student for all
+        student = student_for(next(iter(tasks)), config.evaluate.label_fractions[0])  # fixed: one for all
         before = _state(student)
         results = real(config, student_for, tasks, *args)
         calls.append((before, _state(student)))
