@@ -241,15 +241,17 @@ def _without_later_defaults(value: Any) -> Any:
     }
 
 
-def defining(config: Config, stage: str) -> dict[str, Any]:
+def defining(config: Config, stage: str, *, conditional: bool = True) -> dict[str, Any]:
     """The definition of ``stage`` under ``config``: its own keys and those of every stage it
-    reads, nested as in the config."""
+    reads, nested as in the config; with ``conditional=False`` only of the stages it always reads
+    (``reads``, not ``reads_if``): the part every config of the stage has whatever else it reads
+    (e.g. the evaluation's protocol, whichever sets it evaluates)."""
     spec = STAGES[stage]
     own: dict[str, Any] = {}
     for key in spec.keys:
         _nest(own, key, _drop_settings(_value(config, key), key))
     own = _without_later_defaults(_resolved(config, stage, own))
-    for upstream in spec.inputs(config):
+    for upstream in spec.inputs(config) if conditional else spec.reads:
         _merge(own, defining(config, upstream))
     return own
 

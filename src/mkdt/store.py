@@ -55,6 +55,7 @@ from __future__ import annotations
 import csv
 import datetime
 import functools
+import hashlib
 import io
 import json
 import math
@@ -106,6 +107,16 @@ class SyntheticSet:
     images: torch.Tensor  # (n, C, H, W) float32, normalised like D_real
     targets: torch.Tensor  # (n, D) float32
     lr: float
+
+    def digest(self) -> str:
+        """sha256 of the images, the targets (their shapes, dtypes and bytes) and the step size:
+        two sets with one digest pre-train the same students."""
+        h = hashlib.sha256(repr(self.lr).encode())
+        for t in (self.images, self.targets):
+            t = t.detach().to("cpu").contiguous()
+            h.update(f"{tuple(t.shape)} {t.dtype}".encode())
+            h.update(t.view(torch.uint8).numpy().data if t.numel() else b"")
+        return h.hexdigest()
 
 
 def now() -> str:

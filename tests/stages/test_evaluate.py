@@ -8,6 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 
 from mkdt import downstream
 from mkdt.config.schema import parse_task
@@ -158,6 +160,32 @@ def test_rerun_reuses_finished_pretraining_and_recomputes_identically(evaluated,
     assert sorted(calls) == [("full", 1), ("mkdt", 0)]
     assert again["result"]["results"] == record["result"]["results"]
     assert _without_seconds(read_json(partial_path)) == kept
+
+
+def test_runs_are_reused_across_method_lists_and_force_until_their_set_changes(evaluated, tmp_path):
+    config, run, record, _ = evaluated
+    out = _copy_run(run, tmp_path / "copy")
+    store = RunDir(out)
+    subsets = _config(config.data.cache_dir, "evaluate.methods=[random, high_loss]")  # reads no distill
+    for cfg, force in ((subsets, False), (config, True)):  # fewer methods, then all of them, forced
+        with pytest.MonkeyPatch.context() as mp:
+            calls = _spy_on_pretrain(mp)
+            results = evaluate.run(cfg, out, force=force)["result"]["results"]
+        assert calls == {}
+        methods = cfg.evaluate.methods
+        assert results == [r for r in record["result"]["results"] if r["method"] in methods]
+    # the distill stage redone into other pixels (same step size): MKDT alone is pre-trained again
+    done = read_json(out / "distill" / "stage.json")
+    with safe_open(store.synthetic_path, "pt") as f:
+        metadata = f.metadata()
+    tensors = load_file(store.synthetic_path)
+    save_file({**tensors, "images": tensors["images"] + 0.01}, store.synthetic_path, metadata)
+    artifacts = tuple(map(store.artifact_path, done["artifacts"]))
+    store.finish("distill", done["defining"], done["seconds"], done["result"], artifacts)
+    with pytest.MonkeyPatch.context() as mp:
+        calls = _spy_on_pretrain(mp)
+        evaluate.run(config, out, force=True)
+    assert sorted(calls) == [("mkdt", 0), ("mkdt", 1)]
 
 
 def test_lr_matched_controls_pretrain_the_same_images_at_mkdts_learned_step_size(evaluated, tmp_path):

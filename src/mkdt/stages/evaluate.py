@@ -38,7 +38,8 @@ task whose files are not found is refused before any compute, or with
 ``skipped_tasks``.
 
 Artifacts: ``evaluate/partial.json`` (every finished (method, seed) with its results under
-``probes``, one per protocol, task and fraction, so an interrupted stage resumes),
+``probes``, one per protocol, task and fraction, and its set's digest: an interrupted stage
+resumes, and another method list or ``--force`` reuses the runs, :func:`partial_fingerprint`),
 ``OUT/results.json`` and ``OUT/results.md`` (:mod:`mkdt.results`).
 """
 
@@ -67,7 +68,8 @@ from mkdt.downstream import (
     window_summary,
 )
 from mkdt.errors import TrainingDiverged
-from mkdt.files import file_sha256, fingerprint
+from mkdt.files import fingerprint
+from mkdt.graph import defining
 from mkdt.methods import INIT_METHODS, PROTOCOLS, method_label, method_order, parse_method
 from mkdt.results import (
     build_records,
@@ -266,26 +268,18 @@ def evaluate_tuned(
     }
 
 
-def partial_fingerprint(spec: dict[str, Any], skipped: dict[str, str]) -> str:
-    """The fingerprint of the runs partial.json may hold for the evaluation defined by ``spec``:
-    the definition without ``evaluate.methods`` (a run of one method does not depend on the others,
-    so adding a method to an evaluation reuses the finished runs), and with the ``skipped`` tasks
-    (a resume that finds a task skipped before starts over: its runs lack that task's probes)."""
-    own = {**spec, "evaluate": {k: v for k, v in spec["evaluate"].items() if k != "methods"}}
+def partial_fingerprint(config: Config, skipped: dict[str, str]) -> str:
+    """The fingerprint of the runs partial.json may hold for this evaluation: the evaluation's
+    definition without ``evaluate.methods`` and without the stages only some methods read
+    (:func:`~mkdt.graph.defining` with ``conditional=False``: the protocol, D_real and the teacher),
+    and with the ``skipped`` tasks (a resume that finds a task skipped before starts over: its runs
+    lack that task's probes). What a run of one method depends on beyond it is its pre-training set,
+    checked by the set's digest (:meth:`~mkdt.store.SyntheticSet.digest`), so adding or removing a
+    method (MKDT and KRR-ST too) reuses the finished runs of the others, and a set that changed (a
+    redone distill stage, ``mkdt import --force``) is run again."""
+    own = defining(config, STAGE, conditional=False)
+    own["evaluate"] = {k: v for k, v in own["evaluate"].items() if k != "methods"}
     return fingerprint({**own, "skipped_tasks": sorted(skipped)} if skipped else own)
-
-
-def set_identities(store: RunDir, methods: list[str]) -> dict[str, str]:
-    """The sha256 of the sets that no stage definition covers, by method: ``mtt_ssl`` (made by
-    ``mkdt analyze mtt``) and ``ext:NAME`` (``mkdt import --force`` may replace it); a finished
-    run of such a set is reused only while the set is the same file."""
-    paths = {}
-    for m in map(parse_method, methods):
-        if m.source == "mtt":
-            paths[m.name] = store.mtt_ssl_path
-        elif m.external is not None:
-            paths[m.name] = store.imported_path(m.external)
-    return {name: file_sha256(path) for name, path in paths.items() if path.is_file()}
 
 
 def evaluate_all(
@@ -300,12 +294,17 @@ def evaluate_all(
     split between the ranks) with partial.json rewritten after each round."""
     store, rt, v = ctx.store, ctx.runtime, ctx.config.evaluate
     lrs = {m: candidate_lrs(ctx.config, m, pset) for m, pset in sets.items()}
-    fp = partial_fingerprint(ctx.spec, skipped)
-    identity = set_identities(store, v.methods)
+    fp = partial_fingerprint(ctx.config, skipped)
+    identity = {m: pset.digest() for m, pset in sets.items() if pset is not None}
     # every rank starts from rank 0's reading: rank 0 rewrites the file after each round, so a
     # rank reading it later would see fewer runs to do and fall out of step
     runs: dict[str, Any] = rt.gather_objects(store.load_partial(fp) if rt.is_main else None)[0] or {}
-    runs = {key: r for key, r in runs.items() if r.get("set_sha256") == identity.get(r["method"])}
+    # a run whose set changed is run again; the runs of methods not evaluated now are kept
+    runs = {
+        key: r
+        for key, r in runs.items()
+        if r["method"] not in sets or r.get("set_sha256") == identity.get(r["method"])
+    }
     todo = [(m, s) for m in v.methods for s in range(v.seeds) if f"{m}/{s}" not in runs]
     # under torch.distributed the ranks take turns: rank r runs todo[i + r] of each round
     rank, world = (rt.rank, rt.world) if rt.distributed else (0, 1)
@@ -441,11 +440,12 @@ def run(
     real: RealData | None = None,
     runtime: Runtime | None = None,
 ) -> dict[str, Any]:
-    """Pre-train and probe every (method, seed), resuming from partial.json; write
-    ``out/results.json`` and ``out/results.md``."""
+    """Pre-train and probe every (method, seed), reusing the runs partial.json holds for this
+    protocol and the same sets (:func:`partial_fingerprint`; ``force`` keeps them too: delete the
+    file to run everything again); write ``out/results.json`` and ``out/results.md``."""
     ctx = StageContext(STAGE, config, out, real, runtime)
     store = ctx.store
-    if (done := ctx.finished(force, (store.partial_path,))) is not None:
+    if (done := ctx.finished(force)) is not None:  # forced: partial.json's runs are still reused
         return done
     entries, skipped = available_tasks(config)  # before any compute: missing_tasks=error raises
     data = ctx.real.data
