@@ -290,8 +290,9 @@ def evaluate_all(
     skipped: dict[str, str],
 ) -> dict[str, Any]:
     """Every (method, seed) run by its key "method/seed": those ``evaluate/partial.json`` holds
-    for this definition and ``skipped`` tasks, and the others, run now (under torch.distributed
-    split between the ranks) with partial.json rewritten after each round."""
+    for this protocol and ``skipped`` tasks (:func:`partial_fingerprint`) whose set has the same
+    digest, and the others, run now (under torch.distributed split between the ranks) with
+    partial.json rewritten after each round (keeping the runs of methods not evaluated now)."""
     store, rt, v = ctx.store, ctx.runtime, ctx.config.evaluate
     lrs = {m: candidate_lrs(ctx.config, m, pset) for m, pset in sets.items()}
     fp = partial_fingerprint(ctx.config, skipped)
