@@ -217,6 +217,20 @@ def test_headlines_name_the_best_same_size_set_by_mean():
     assert "- **MKDT over the best same-size set (high-loss subset): +2.00 [-0.48, +4.48], n = 3**" in text
 
 
+def test_a_set_imported_from_an_mkdt_run_is_compared_like_mkdt_and_never_its_bar():
+    seeds = [0, 1, 2]
+    runs = {"random": [40.0] * 3, "high_loss": [42.0] * 3, "ext:other": [50.0] * 3, "mkdt": [44.0] * 3}
+    records = [make_record(m, "c10", 0.05, seeds, a) for m, a in runs.items()]
+    (main,) = headlines(records)  # imported from outside mkdt: a same-size competitor
+    assert main["best_same_size"] == "ext:other" and main["over_best"]["mean"] == -6.0
+    records[2]["kind"] = "distilled"  # imported from another mkdt run: an MKDT variant
+    main, variant = headlines(records)  # table order: imported sets last
+    assert (variant["method"], variant["best_same_size"]) == ("ext:other", "high_loss")
+    assert variant["over_random"]["mean"] == 10.0
+    assert (main["best_same_size"], main["over_best"]["mean"]) == ("high_loss", 2.0)
+    assert ("mkdt", "ext:other") in {(c["method"], c["other"]) for c in paired_comparisons(records)}
+
+
 def test_headlines_without_random_or_a_same_size_set_and_with_one_seed():
     records = [make_record("mkdt", "c10", 0.01, [0], [35.0]), make_record("full", "c10", 0.01, [0], [50.0])]
     (only,) = headlines(records)

@@ -80,7 +80,9 @@ METHOD_CHOICES = (
 
 SAME_SIZE_KINDS = ("subset", "mtt_ssl", "krr_st", "external")
 """The kinds of :class:`Method` whose sets are the distilled set's size (or chosen to be compared
-at it): what "the best same-size set" of :func:`mkdt.results.headlines` is chosen among."""
+at it): what "the best same-size set" of :func:`mkdt.results.headlines` is chosen among. A set
+imported from another mkdt run is ``external`` by name but its records say ``distilled``
+(:func:`mkdt.results.set_kind`): an MKDT variant, not a baseline."""
 
 PROTOCOLS = ("probe", "finetune")
 """The downstream protocols, in the order of records and tables: ``probe`` (a linear probe on the

@@ -9,7 +9,8 @@ A record is a JSON-able dict::
 with test accuracies in percent, one per seed, and the sample standard deviation (ddof=1; 0 for a
 single seed). ``protocol`` is one of :data:`~mkdt.methods.PROTOCOLS`; a record without it (results.json
 written before fine-tuning existed) is a linear-probe record (:func:`protocol_of`). Other fields
-(``diverged_seeds``, and what later versions add) are kept and ignored here.
+(``diverged_seeds``, and what later versions add) are kept and ignored here, but for ``kind``: the
+records of imported ``ext:NAME`` sets say what was imported (:func:`set_kind`).
 :func:`results_table` renders records as a markdown table shaped like the paper's Table 1
 (docs/method.md), one table per protocol when there are fine-tuning records.
 
@@ -308,20 +309,31 @@ def paired_difference(record: dict[str, Any], other: dict[str, Any]) -> dict[str
     }
 
 
-def is_distilled(method: str) -> bool:
-    """Whether ``method`` names a distilled MKDT set (``mkdt`` and its variants ``mkdt_<subset>``)."""
-    return is_method(method) and parse_method(method).kind == "distilled"
+def set_kind(record: dict[str, Any]) -> str | None:
+    """The kind (:data:`~mkdt.methods.Kind`) of a record's set: its ``kind`` field where it has one
+    (the records of ``ext:NAME`` sets carry it, ``distilled`` for a set imported from another mkdt
+    run's distill stage), else its method's; None for a name that is no method."""
+    kind: str | None = record.get("kind")
+    if kind is None and is_method(record["method"]):
+        kind = parse_method(record["method"]).kind
+    return kind
 
 
-def is_compared(method: str) -> bool:
-    """Whether ``method``'s paired differences are listed (:data:`COMPARED_KINDS`)."""
-    return is_method(method) and parse_method(method).kind in COMPARED_KINDS
+def is_distilled(record: dict[str, Any]) -> bool:
+    """Whether a record's set is a distilled MKDT set (``mkdt``, its variants ``mkdt_<subset>`` and
+    sets imported from another mkdt run)."""
+    return set_kind(record) == "distilled"
 
 
-def is_same_size(method: str) -> bool:
-    """Whether ``method`` is one of the same-size sets (:data:`SAME_SIZE_KINDS`): not
-    ``no_pretrain``, ``full`` or a distilled set."""
-    return is_method(method) and parse_method(method).kind in SAME_SIZE_KINDS
+def is_compared(record: dict[str, Any]) -> bool:
+    """Whether a record's paired differences are listed (:data:`COMPARED_KINDS`)."""
+    return set_kind(record) in COMPARED_KINDS
+
+
+def is_same_size(record: dict[str, Any]) -> bool:
+    """Whether a record's set is one of the same-size sets (:data:`SAME_SIZE_KINDS`): not
+    ``no_pretrain``, ``full`` or a distilled set (an MKDT variant is not the bar MKDT must clear)."""
+    return set_kind(record) in SAME_SIZE_KINDS
 
 
 Setting = tuple[str, str, float]
@@ -354,9 +366,9 @@ def paired_comparisons(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]
     comparisons = []
     for group in _settings(records).values():
         for record in group:
-            if not is_compared(record["method"]):
+            if not is_compared(record):
                 continue
-            others = [o for o in group if is_distilled(record["method"]) or not is_distilled(o["method"])]
+            others = [o for o in group if is_distilled(record) or not is_distilled(o)]
             for other in others:
                 if other is not record and (pair := paired_difference(record, other)) is not None:
                     comparisons.append(pair)
@@ -368,7 +380,7 @@ def best_same_size(group: Sequence[dict[str, Any]], besides: str | None = None) 
     among the records of one setting (the first in table order on ties); None when none has a
     mean."""
     best: tuple[float, str] | None = None
-    candidates = [r for r in group if is_same_size(r["method"]) and r["method"] != besides]
+    candidates = [r for r in group if is_same_size(r) and r["method"] != besides]
     for r in sorted(candidates, key=lambda r: method_order(r["method"])):
         if r["mean"] is not None and (best is None or r["mean"] > best[0]):
             best = (r["mean"], r["method"])
@@ -390,7 +402,7 @@ def headlines(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     for (protocol, task, fraction), group in _settings(records).items():
         by_method = {r["method"]: r for r in group}
         for record in group:
-            if not is_compared(record["method"]) or not record["seeds"]:
+            if not is_compared(record) or not record["seeds"]:
                 continue
             best = best_same_size(group, besides=record["method"])
             random, top = by_method.get("random"), by_method.get(best) if best else None
@@ -452,7 +464,7 @@ def comparisons_text(records: Sequence[dict[str, Any]]) -> str:
     for h in headlines(records):
         lines = by_setting.setdefault((h["protocol"], h["task"], h["label_fraction"]), [])
         lines += [f"- **{line}**" for line in headline_lines(h)]
-    krr = any(is_compared(r["method"]) and not is_distilled(r["method"]) for r in records)
+    krr = any(is_compared(r) and not is_distilled(r) for r in records)
     lines = [
         "Paired differences (95% t-interval over seeds)",
         "",
@@ -460,7 +472,8 @@ def comparisons_text(records: Sequence[dict[str, Any]]) -> str:
         "the same seed (the same labels and pre-training seed), averaged over the seeds both have; the "
         "interval is mean ± t(0.975, n - 1) * sd / sqrt(n). In bold: the gain over the random subset "
         f"and over the best same-size set (the subset, {'KRR-ST, ' if krr else ''}MTT-SSL or imported "
-        "set with the highest mean accuracy).",
+        "set with the highest mean accuracy; a set imported from another mkdt run is a distilled set, "
+        "not a candidate).",
     ]
     for setting, found in by_setting.items():
         lines += ["", f"{setting_title(setting)}:", *found]

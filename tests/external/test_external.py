@@ -22,6 +22,7 @@ from mkdt.errors import ArtifactError, ConfigError, DataError
 from mkdt.external.exporter import export_set
 from mkdt.external.importer import import_set
 from mkdt.files import read_json, read_metadata
+from mkdt.results import make_record
 from mkdt.stages import evaluate, targets, teacher
 from mkdt.stages.targets import teacher_targets
 from mkdt.store import RunDir, SyntheticSet
@@ -278,6 +279,11 @@ def test_another_runs_distilled_set_keeps_its_targets_and_learned_lr(setting, tm
     d_mean, d_std = s.real.data.mean[0], s.real.data.std[0]
     assert torch.allclose(got.images * d_std + d_mean, unit, atol=1e-5)
     assert torch.equal(got.targets, y) and got.lr == pytest.approx(0.37)
+    (tmp_path / "list.json").write_text(json.dumps(INDICES))
+    _import(s, "listed", tmp_path / "list.json")
+    records = [make_record(m, "digits", 0.1, [0], [50.0]) for m in ("random", "ext:other", "ext:listed")]
+    kinds = [r.get("kind") for r in evaluate.with_imported_kinds(s.run, records)]
+    assert kinds == [None, "distilled", "external"]  # another run's set is an MKDT variant
     (tmp_path / "half").mkdir()
     (tmp_path / "half" / "manifest.json").write_text("{}")
     _one_line_error(

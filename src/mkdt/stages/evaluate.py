@@ -364,6 +364,19 @@ def result_records(config: Config, runs: dict[str, Any], tasks: list[str]) -> li
     return tuned
 
 
+def with_imported_kinds(store: RunDir, records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The records, those of each imported set ``ext:NAME`` with its ``kind``
+    (:func:`mkdt.results.set_kind`): ``distilled`` when it was imported from another mkdt run's
+    distill stage (an MKDT variant: compared like MKDT, never "the best same-size set"), else
+    ``external``."""
+    kinds = {}
+    for name in dict.fromkeys(r["method"] for r in records):
+        if (imported := parse_method(name).external) is not None:
+            from_run = store.require_imported(imported, same_targets=False).get("kind") == "run"
+            kinds[name] = "distilled" if from_run else "external"
+    return [{**r, "kind": kinds[r["method"]]} if r["method"] in kinds else r for r in records]
+
+
 def chosen_lrs_text(records: list[dict[str, Any]]) -> str:
     """Under the tuned protocol, a markdown table of the step size each set chose per seed (label
     fraction x method rows, one column per task, probe records); "" otherwise."""
@@ -454,7 +467,7 @@ def run(
     sets = pretraining_sets(store, config, ctx.real, z)
     tasks = {entry: load_task(config, entry, data) for entry in entries}
     runs = evaluate_all(ctx, sets, tasks, z.shape[1], skipped)
-    records = result_records(config, runs, list(tasks))
+    records = with_imported_kinds(store, result_records(config, runs, list(tasks)))
     costs = set_costs(config.evaluate.methods, {stage: store.record(stage) for stage in UPSTREAM})
     seconds = pretraining_seconds(runs)
     table = results_text(config, data, sets, records, skipped, costs_text(costs, seconds))
