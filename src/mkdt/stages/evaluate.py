@@ -68,7 +68,7 @@ from mkdt.downstream import (
     window_summary,
 )
 from mkdt.errors import TrainingDiverged
-from mkdt.files import fingerprint
+from mkdt.files import fingerprint, read_metadata
 from mkdt.graph import defining
 from mkdt.methods import INIT_METHODS, PROTOCOLS, method_label, method_order, parse_method
 from mkdt.results import (
@@ -368,11 +368,11 @@ def with_imported_kinds(store: RunDir, records: list[dict[str, Any]]) -> list[di
     """The records, those of each imported set ``ext:NAME`` with its ``kind``
     (:func:`mkdt.results.set_kind`): ``distilled`` when it was imported from another mkdt run's
     distill stage (an MKDT variant: compared like MKDT, never "the best same-size set"), else
-    ``external``."""
+    ``external``. Reads each set's header alone: :func:`pretraining_sets` has checked the files."""
     kinds = {}
     for name in dict.fromkeys(r["method"] for r in records):
         if (imported := parse_method(name).external) is not None:
-            from_run = store.require_imported(imported, same_targets=False).get("kind") == "run"
+            from_run = read_metadata(store.imported_path(imported)).get("kind") == "run"
             kinds[name] = "distilled" if from_run else "external"
     return [{**r, "kind": kinds[r["method"]]} if r["method"] in kinds else r for r in records]
 
